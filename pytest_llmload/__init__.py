@@ -1,0 +1,55 @@
+"""pytest-llmload: load Hugging Face models under device maps and precisions in your test suite.
+
+The public API is re-exported here lazily: importing ``pytest_llmload`` (as pytest does for the
+plugin) imports neither torch nor transformers; they load when a function that needs them is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pytest
+
+pytest.register_assert_rewrite("pytest_llmload.assertions")
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "loading",
+    "load_tokenizer": "loading",
+    "load_config": "loading",
+    "effective_device_map": "loading",
+    "parse_size": "sizes",
+    "format_size": "sizes",
+    "LLMSpec": "specs",
+    "make_spec": "specs",
+    "PRECISIONS": "specs",
+    "STRATEGIES": "specs",
+    "BUILTIN_MODELS": "builtin",
+    "builtin_path": "builtin",
+    "ModelCache": "cache",
+    "Inventory": "hardware",
+    "GPU": "hardware",
+    "probe_inventory": "hardware",
+    "gpu_reasons": "hardware",
+    "cell_reasons": "hardware",
+    "LLMLoadError": "errors",
+    "LLMLoadUsageError": "errors",
+    "ModelLoadError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_llmload' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

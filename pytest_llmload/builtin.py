@@ -1,0 +1,179 @@
+"""Built-in tiny checkpoints: real configs, safetensors weights and a tokenizer, written on first use.
+
+They let the plugin, its tests and its examples load models through the real ``from_pretrained``
+with no network. Each is deterministic (seeded) and has several blocks so device maps can split it.
+torch and transformers are imported only when a checkpoint is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "llmload-manifest.json"
+_BYTE_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+_BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    config_class: str
+    model_class: str
+    config: dict[str, Any]
+    specials: tuple[str, ...]
+    template: str | None  # post-processor template for single sequences
+    description: str
+    tokenizer_kwargs: dict[str, str] = field(default_factory=dict)
+
+
+_GPT_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        BuiltinModel(
+            "tiny-llama",
+            "LlamaConfig",
+            "LlamaForCausalLM",
+            dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 tie_word_embeddings=False, **_IDS),
+            tuple(_BYTE_SPECIALS), "<s> $A", "Llama decoder, 4 layers, untied embeddings (the default)",
+            _GPT_TOKENS,
+        ),
+        BuiltinModel(
+            "tiny-gpt2",
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            dict(vocab_size=320, n_embd=64, n_layer=4, n_head=4, n_positions=256,
+                 tie_word_embeddings=True, **_IDS),
+            tuple(_BYTE_SPECIALS), None, "GPT-2 decoder, 4 blocks, tied input/output embeddings",
+            _GPT_TOKENS,
+        ),
+        BuiltinModel(
+            "tiny-t5",
+            "T5Config",
+            "T5ForConditionalGeneration",
+            dict(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_decoder_layers=3,
+                 num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+                 tie_word_embeddings=True),
+            tuple(_BYTE_SPECIALS), "$A </s>", "T5 encoder-decoder, 3+3 blocks, shared embeddings",
+            {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
+        ),
+        BuiltinModel(
+            "tiny-bert",
+            "BertConfig",
+            "BertModel",
+            dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, max_position_embeddings=256, pad_token_id=0),
+            tuple(_BERT_SPECIALS), "[CLS] $A [SEP]", "BERT encoder (AutoModel), 4 layers",
+            {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+             "mask_token": "[MASK]"},
+        ),
+        BuiltinModel(
+            "tiny-mixtral",
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                 num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False,
+                 **_IDS),
+            tuple(_BYTE_SPECIALS), "<s> $A", "Mixtral mixture-of-experts decoder, 4 layers x 4 experts",
+            _GPT_TOKENS,
+        ),
+    )
+}
+
+
+def cache_root() -> Path:
+    """Where built-in checkpoints live: ``$LLMLOAD_CACHE_DIR``, else ``$XDG_CACHE_HOME/pytest-llmload``."""
+    env = os.environ.get("LLMLOAD_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pytest-llmload"
+
+
+def _fingerprint(model: BuiltinModel) -> str:
+    import torch
+    import transformers
+
+    payload = json.dumps(
+        [FORMAT_VERSION, model.config_class, model.model_class, model.config, model.specials,
+         model.template, transformers.__version__, torch.__version__.split("+")[0]],
+        sort_keys=True,
+    )
+    return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+def builtin_path(name: str) -> Path:
+    """The directory of built-in checkpoint ``name``, building it first if it is missing or damaged."""
+    model = BUILTIN_MODELS[name]
+    target = cache_root() / "builtin" / f"{name}-{_fingerprint(model)}"
+    if _is_complete(target):
+        return target
+    if target.exists():  # damaged (files removed or truncated after it was written): rebuild
+        shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        _write_checkpoint(model, staging)
+        try:
+            os.rename(staging, target)  # atomic: readers never see a half-written checkpoint
+        except OSError:
+            if not _is_complete(target):  # another process won the race but its copy is unsound
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all((path / f).stat().st_size == size for f, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def build_tokenizer(model: BuiltinModel):
+    """A byte-level tokenizer with no merges: every string encodes, the vocabulary is tiny and fixed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(model.specials)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    unk = model.tokenizer_kwargs.get("unk_token")
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    if model.template:
+        specials = [t for t in model.template.split() if t in vocab]
+        backend.post_processor = processors.TemplateProcessing(
+            single=model.template, special_tokens=[(t, vocab[t]) for t in specials]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=256, **model.tokenizer_kwargs)
+
+
+def _write_checkpoint(model: BuiltinModel, directory: Path) -> None:
+    import torch
+    import transformers
+
+    config = getattr(transformers, model.config_class)(**model.config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        network = getattr(transformers, model.model_class)(config)
+    network.save_pretrained(directory, safe_serialization=True)
+    build_tokenizer(model).save_pretrained(directory)
+    files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps({"name": model.name, "files": files}, indent=1))

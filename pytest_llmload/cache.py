@@ -1,0 +1,202 @@
+"""The session cache: each distinct load is done once, reused, and released deterministically."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+from .errors import LLMLoadError, ModelLoadError
+from .loading import LoadInfo, load_config, load_model, load_tokenizer, needs_offload_folder
+from .specs import LLMSpec
+
+
+class CacheInfo(NamedTuple):
+    loads: int  # from_pretrained calls that returned a model
+    hits: int  # requests served from the cache
+    evictions: int
+    size: int  # models held now
+    max_models: int
+
+
+@dataclass
+class LoadRecord:
+    """What the session keeps of one load after the model itself is released (for the report)."""
+
+    spec: LLMSpec
+    info: LoadInfo
+    load_seconds: float
+    private: bool = False
+    uses: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class CachedModel:
+    model: Any
+    record: LoadRecord
+
+
+def release_memory() -> None:
+    """Collect garbage and give cached CUDA blocks back to the driver (where CUDA is in use)."""
+    gc.collect()
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+class ModelCache:
+    """Holds at most ``max_models`` loaded models (least recently used is evicted first).
+
+    Failures are remembered too: a model whose config cannot be resolved (an unreachable hub, a
+    broken config.json) is tried once per session, and every later cell that needs it fails fast.
+    """
+
+    def __init__(self, max_models: int = 2, *, trust_remote_code: bool = False, allow_pickle: bool = False):
+        if max_models < 1:
+            raise ValueError(f"max_models must be at least 1, got {max_models}")
+        self.max_models = max_models
+        self.trust_remote_code = trust_remote_code
+        self.allow_pickle = allow_pickle
+        self._entries: OrderedDict[tuple, CachedModel] = OrderedDict()
+        self._tokenizers: dict[str, Any] = {}
+        self._failures: dict[Any, str] = {}
+        self._config_ok: set[str] = set()
+        self.loads = self.hits = self.evictions = 0
+        self.load_attempts: dict[str, int] = {}
+        self.history: list[LoadRecord] = []  # every load this session, for the report
+        self.on_load: list[Callable[[CachedModel], None]] = []
+        self._offload_root: str | None = None
+        self._finalizer = weakref.finalize(self, _remove_tree, None)
+
+    # -- offload folders -------------------------------------------------------------------
+    def offload_folder(self) -> str:
+        """A fresh folder under this session's offload root (removed by :meth:`close`)."""
+        if self._offload_root is None:
+            self._offload_root = tempfile.mkdtemp(prefix="llmload-session-")
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _remove_tree, self._offload_root)
+        return tempfile.mkdtemp(prefix="offload-", dir=self._offload_root)
+
+    # -- models ----------------------------------------------------------------------------
+    @staticmethod
+    def key(spec: LLMSpec, kwargs: dict[str, Any]) -> tuple:
+        return (spec.model, spec.device_map_spec.key, spec.precision, spec.max_memory, _kwargs_key(kwargs))
+
+    def get(self, spec: LLMSpec, **kwargs: Any) -> Any:
+        """The model for ``spec`` (and extra ``from_pretrained`` kwargs), loading it on first use."""
+        return self.entry(spec, **kwargs).model
+
+    def entry(self, spec: LLMSpec, **kwargs: Any) -> CachedModel:
+        key = self.key(spec, kwargs)
+        if key in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            entry = self._entries[key]
+            entry.record.uses += 1
+            return entry
+        if key in self._failures:
+            raise ModelLoadError(self._failures[key])
+        while len(self._entries) >= self.max_models:
+            self.evict(next(iter(self._entries)))
+        entry = self._load(spec, kwargs, key)
+        self._entries[key] = entry
+        return entry
+
+    def load_private(self, spec: LLMSpec, **kwargs: Any) -> Any:
+        """A copy of ``spec``'s model that the cache does not hold (for tests that mutate it)."""
+        return self._load(spec, kwargs, None).model
+
+    def _load(self, spec: LLMSpec, kwargs: dict[str, Any], key: tuple | None) -> CachedModel:
+        self.check_config(spec)
+        info = LoadInfo()
+        call = dict(kwargs)
+        if needs_offload_folder(spec.device_map, spec.max_memory):
+            call.setdefault("offload_folder", self.offload_folder())
+        self.load_attempts[spec.model] = self.load_attempts.get(spec.model, 0) + 1
+        start = time.perf_counter()
+        try:
+            model = load_model(
+                spec.model_spec,
+                device_map=spec.device_map_spec,
+                precision=spec.precision,
+                max_memory=spec.max_memory_dict,
+                trust_remote_code=self.trust_remote_code,
+                allow_pickle=self.allow_pickle,
+                info=info,
+                **call,
+            )
+        except ModelLoadError as exc:
+            if key is not None:
+                self._failures[key] = str(exc)
+            release_memory()  # whatever the failed load allocated goes now, not at the next gc
+            raise
+        entry = CachedModel(model, LoadRecord(spec, info, time.perf_counter() - start, private=key is None))
+        self.loads += 1
+        self.history.append(entry.record)
+        for callback in self.on_load:
+            callback(entry)
+        return entry
+
+    def check_config(self, spec: LLMSpec) -> None:
+        """Resolve the model's config once per session; remember a failure for every later cell."""
+        model = spec.model
+        if model in self._config_ok:
+            return
+        if model in self._failures:
+            raise ModelLoadError(self._failures[model])
+        try:
+            load_config(spec.model_spec, trust_remote_code=self.trust_remote_code)
+        except LLMLoadError as exc:
+            self._failures[model] = str(exc)
+            raise ModelLoadError(str(exc)) from None
+        self._config_ok.add(model)
+
+    def tokenizer(self, spec: LLMSpec) -> Any:
+        model = spec.model
+        if model not in self._tokenizers:
+            if ("tokenizer", model) in self._failures:
+                raise ModelLoadError(self._failures[("tokenizer", model)])
+            self.check_config(spec)
+            try:
+                self._tokenizers[model] = load_tokenizer(spec.model_spec, trust_remote_code=self.trust_remote_code)
+            except ModelLoadError as exc:
+                self._failures[("tokenizer", model)] = str(exc)
+                raise
+        return self._tokenizers[model]
+
+    def evict(self, key: tuple) -> None:
+        entry = self._entries.pop(key)
+        entry.model = None
+        del entry
+        self.evictions += 1
+        release_memory()
+
+    def clear(self) -> None:
+        while self._entries:
+            self.evict(next(iter(self._entries)))
+        self._tokenizers.clear()
+
+    def close(self) -> None:
+        """Release every model and remove the session's offload folders."""
+        self.clear()
+        self._finalizer()
+
+    def cache_info(self) -> CacheInfo:
+        return CacheInfo(self.loads, self.hits, self.evictions, len(self._entries), self.max_models)
+
+
+def _kwargs_key(kwargs: dict[str, Any]) -> str:
+    return repr(sorted(kwargs.items())) if kwargs else ""
+
+
+def _remove_tree(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)

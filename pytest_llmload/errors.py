@@ -1,0 +1,15 @@
+"""Errors a user can cause. Each carries one line that names the bad value and what is accepted."""
+
+from __future__ import annotations
+
+
+class LLMLoadError(Exception):
+    """Base class of every error pytest-llmload raises on purpose."""
+
+
+class LLMLoadUsageError(LLMLoadError, ValueError):
+    """A value given by the user (an option, a marker argument, a function argument) is malformed."""
+
+
+class ModelLoadError(LLMLoadError, RuntimeError):
+    """A model or tokenizer could not be loaded; the message says which file or id and why."""

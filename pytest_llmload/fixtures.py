@@ -1,0 +1,118 @@
+"""The fixtures users request. Each loads through the session cache; errors end the test in one line."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pytest
+
+from .errors import LLMLoadError, LLMLoadUsageError
+from .session import SESSION_KEY, LLMLoadSession
+from .specs import LLMSpec, make_spec
+
+
+def _session(request: pytest.FixtureRequest) -> LLMLoadSession:
+    return request.config.stash[SESSION_KEY]
+
+
+@contextmanager
+def _clean_errors() -> Iterator[None]:
+    """A load error fails the test with its one-line message, not a traceback through our internals."""
+    try:
+        yield
+    except LLMLoadError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def llm_spec(request: pytest.FixtureRequest) -> LLMSpec:
+    """The current matrix cell: ``.model``, ``.device_map``, ``.precision`` (and ``.id``)."""
+    spec = getattr(request, "param", None)
+    return spec if spec is not None else _session(request).default_spec()
+
+
+@pytest.fixture
+def llm_model(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Any:
+    """The model of the current cell, shared through the session cache (do not mutate it)."""
+    session = _session(request)
+    session.check_cell(llm_spec, request.node.nodeid)
+    with _clean_errors():
+        return session.cache.get(llm_spec)
+
+
+@pytest.fixture
+def llm_private_model(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Iterator[Any]:
+    """A copy of the current cell's model loaded for this test alone, for tests that train or mutate it."""
+    session = _session(request)
+    session.check_cell(llm_spec, request.node.nodeid)
+    with _clean_errors():
+        model = session.cache.load_private(llm_spec)
+    yield model
+    del model
+    from .cache import release_memory
+
+    release_memory()
+
+
+@pytest.fixture
+def llm_tokenizer(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Any:
+    """The tokenizer stored with the current cell's model (cached per model)."""
+    with _clean_errors():
+        return _session(request).cache.tokenizer(llm_spec)
+
+
+class ModelLoader:
+    """``llm_load(model=None, *, device_map=None, precision=None, max_memory=None, **kwargs)``.
+
+    Loads through the session cache; ``None`` means the session's first configured value.
+    ``private=True`` returns a copy the cache does not hold.
+    """
+
+    def __init__(self, session: LLMLoadSession):
+        self._session = session
+
+    def spec(self, model=None, *, device_map=None, precision=None, max_memory=None) -> LLMSpec:
+        default = self._session.default_spec()
+        return make_spec(
+            model if model is not None else default.model_spec,
+            device_map if device_map is not None else default.device_map_spec,
+            precision if precision is not None else default.precision,
+            max_memory if max_memory is not None else default.max_memory_dict,
+        )
+
+    def __call__(self, model=None, *, device_map=None, precision=None, max_memory=None, private=False, **kwargs):
+        with _clean_errors():
+            from .loading import translate_legacy_kwargs
+
+            legacy = translate_legacy_kwargs(kwargs)
+            if legacy is not None:
+                if precision is not None and precision != legacy:
+                    raise LLMLoadUsageError(
+                        f"precision={precision!r} contradicts the legacy bitsandbytes kwargs (which mean {legacy!r})"
+                    )
+                precision = legacy
+            spec = self.spec(model, device_map=device_map, precision=precision, max_memory=max_memory)
+            self._session.check_cell(spec, own_quantization="quantization_config" in kwargs)
+            cache = self._session.cache
+            return cache.load_private(spec, **kwargs) if private else cache.get(spec, **kwargs)
+
+    def tokenizer(self, model=None):
+        with _clean_errors():
+            return self._session.cache.tokenizer(self.spec(model))
+
+    def cache_info(self):
+        """Loads, hits, evictions, size and capacity of the session cache."""
+        return self._session.cache.cache_info()
+
+
+@pytest.fixture(scope="session")
+def llm_load(request: pytest.FixtureRequest) -> ModelLoader:
+    """A factory that loads any model through the session cache."""
+    return ModelLoader(_session(request))
+
+
+@pytest.fixture(scope="session")
+def gpu_inventory(request: pytest.FixtureRequest):
+    """The visible GPUs (index, name, total and free memory) and the bitsandbytes backend, probed once."""
+    return _session(request).inventory

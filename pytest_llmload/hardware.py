@@ -1,0 +1,238 @@
+"""What hardware this process can use, probed lazily once, and the reasons a test cannot run on it.
+
+GPUs come from NVML where ``nvidia-ml-py`` is installed (no CUDA context is created, which matters
+for the pytest-xdist controller), else from torch. ``CUDA_VISIBLE_DEVICES`` is respected either way.
+The reasons are computed by pure functions of an :class:`Inventory`, so they are testable anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+
+from .sizes import format_size, parse_size
+from .specs import QUANTIZED_PRECISIONS, LLMSpec
+
+
+@dataclass(frozen=True)
+class GPU:
+    index: int  # index as torch sees it (after CUDA_VISIBLE_DEVICES)
+    name: str
+    total_memory: int
+    free_memory: int
+    capability: tuple[int, int] | None = None
+
+    @property
+    def supports_bf16(self) -> bool:
+        return self.capability is None or self.capability >= (8, 0)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The visible GPUs and the bitsandbytes backend of this process."""
+
+    gpus: tuple[GPU, ...] = ()
+    bitsandbytes_version: str | None = None
+    bitsandbytes_backend: str | None = None  # "cuda", "cpu", ... once tried; None when not working
+    bitsandbytes_error: str | None = None
+    source: str = "none"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def count(self) -> int:
+        return len(self.gpus)
+
+    def __len__(self) -> int:
+        return len(self.gpus)
+
+    def __iter__(self):
+        return iter(self.gpus)
+
+    def __getitem__(self, index: int) -> GPU:
+        return self.gpus[index]
+
+    @property
+    def bitsandbytes_works(self) -> bool:
+        return self.bitsandbytes_backend is not None
+
+    def describe_gpus(self) -> str:
+        if not self.gpus:
+            return "no GPU"
+        names: dict[str, int] = {}
+        for gpu in self.gpus:
+            names[gpu.name] = names.get(gpu.name, 0) + 1
+        parts = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in names.items())
+        return f"{len(self.gpus)} GPU{'s' if len(self.gpus) > 1 else ''} ({parts})"
+
+    def header_line(self) -> str:
+        if self.bitsandbytes_version is None:
+            bnb = "bitsandbytes not installed"
+        elif self.bitsandbytes_backend:
+            bnb = f"bitsandbytes {self.bitsandbytes_version} ({self.bitsandbytes_backend})"
+        else:
+            bnb = f"bitsandbytes {self.bitsandbytes_version} (no working backend: {self.bitsandbytes_error})"
+        sep = ";" if not self.gpus else ","
+        return f"llmload: {self.describe_gpus()}{sep} {bnb}"
+
+
+def visible_device_ids() -> list[str] | None:
+    """The entries of ``CUDA_VISIBLE_DEVICES`` (None when unset: all devices are visible)."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    ids = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part or part.startswith("-"):
+            break  # CUDA stops at the first invalid entry
+        ids.append(part)
+    return ids
+
+
+def _probe_nvml() -> list[GPU] | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver: NVML cannot tell, torch may
+        return None
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        handles = []
+        visible = visible_device_ids()
+        if visible is None:
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        else:
+            for entry in visible:
+                if entry.isdigit():
+                    if int(entry) >= count:
+                        break
+                    handles.append(pynvml.nvmlDeviceGetHandleByIndex(int(entry)))
+                else:
+                    handles.append(pynvml.nvmlDeviceGetHandleByUUID(entry))
+        gpus = []
+        for index, handle in enumerate(handles):
+            name = pynvml.nvmlDeviceGetName(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            try:
+                capability = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
+            except Exception:  # noqa: BLE001
+                capability = None
+            gpus.append(GPU(index, name.decode() if isinstance(name, bytes) else name,
+                            int(memory.total), int(memory.free), capability))
+        return gpus
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _probe_torch() -> list[GPU]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        gpus.append(GPU(index, props.name, int(total), int(free), (props.major, props.minor)))
+    return gpus
+
+
+def probe_bitsandbytes(device: str = "cpu") -> tuple[str | None, str | None, str | None]:
+    """(version, working backend, error): a tiny int8 layer really runs on ``device``, or the error says why."""
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return None, None, "not installed"
+    try:
+        import torch
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False).to(device)
+        with torch.no_grad():
+            out = layer(torch.ones(2, 8, device=device, dtype=torch.float16 if device != "cpu" else torch.float32))
+        if not torch.isfinite(out.float()).all():
+            return version, None, "int8 matmul gave non-finite values"
+    except Exception as exc:  # noqa: BLE001 - any failure means no working backend
+        return version, None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return version, device.split(":")[0], None
+
+
+def probe_inventory(*, bitsandbytes: bool = True) -> Inventory:
+    """Probe this process's GPUs (NVML first, then torch) and, if asked, bitsandbytes."""
+    gpus = _probe_nvml()
+    source = "nvml"
+    if gpus is None:
+        gpus, source = _probe_torch(), "torch"
+    if bitsandbytes:
+        version, backend, error = probe_bitsandbytes("cuda:0" if gpus else "cpu")
+    else:
+        version, backend, error = None, None, "not probed"
+    return Inventory(tuple(gpus), version, backend, error, source)
+
+
+# -- reasons: pure functions of an inventory ------------------------------------------------------
+
+
+def _gpu_list(gpus) -> str:
+    sizes = ", ".join(format_size(g.total_memory) for g in gpus)
+    return f"found {len(gpus)}" + (f" ({sizes})" if gpus else "")
+
+
+def gpu_reasons(inventory: Inventory, n: int = 1, memory: int | str | None = None) -> list[str]:
+    """Why ``n`` GPUs with ``memory`` each are not available here (empty when they are)."""
+    need = parse_size(memory) if memory is not None else None
+    what = f"{n} GPU{'s' if n != 1 else ''}" + (f" with >= {format_size(need)} each" if need else "")
+    usable = [g for g in inventory.gpus if need is None or g.total_memory >= need]
+    if len(usable) < n:
+        return [f"needs {what}; {_gpu_list(inventory.gpus)}"]
+    return []
+
+
+def bitsandbytes_reasons(inventory: Inventory) -> list[str]:
+    if inventory.bitsandbytes_works:
+        return []
+    if inventory.bitsandbytes_version is None:
+        return ["needs bitsandbytes; it is not installed"]
+    return [f"needs a working bitsandbytes backend; bitsandbytes {inventory.bitsandbytes_version} "
+            f"failed here: {inventory.bitsandbytes_error}"]
+
+
+def map_gpu_indices(device_map) -> set[int]:
+    """The GPU indices a device map names (``0``, ``"cuda:1"``, bare ``"cuda"`` = 0)."""
+    if not isinstance(device_map, dict):
+        return set()
+    indices = set()
+    for device in device_map.values():
+        if isinstance(device, int):
+            indices.add(device)
+        elif isinstance(device, str) and device.startswith("cuda"):
+            indices.add(int(device.split(":")[1]) if ":" in device else 0)
+    return indices
+
+
+def cell_reasons(spec: LLMSpec, inventory: Inventory) -> list[str]:
+    """Why a matrix cell cannot run on this hardware (empty when it can).
+
+    Strategies (auto, balanced, ...) and ``process`` are legitimate CPU loads without GPUs.
+    """
+    reasons = []
+    indices = map_gpu_indices(spec.device_map)
+    if indices:
+        highest = max(indices)
+        if highest >= inventory.count:
+            devices = ", ".join(f"cuda:{i}" for i in sorted(indices))
+            reasons.append(f"device map {spec.device_map_spec.label} needs {devices}; {_gpu_list(inventory.gpus)}")
+    on_gpus = indices or (inventory.gpus and spec.device_map_spec.kind in ("strategy", "process"))
+    if spec.precision == "bf16" and on_gpus:
+        used = [g for g in inventory.gpus if not indices or g.index in indices]
+        lacking = [g for g in used if not g.supports_bf16]
+        if lacking:
+            cap = ".".join(map(str, lacking[0].capability or ()))
+            reasons.append(f"bf16 needs compute capability >= 8.0; {lacking[0].name} has {cap}")
+    if spec.precision in QUANTIZED_PRECISIONS:
+        reasons.extend(bitsandbytes_reasons(inventory))
+    return reasons

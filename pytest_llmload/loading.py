@@ -1,0 +1,362 @@
+"""Loading models and tokenizers through the real ``from_pretrained``, under a device map and a precision.
+
+torch and transformers are imported inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LLMLoadUsageError, ModelLoadError
+from .specs import (
+    QUANTIZED_PRECISIONS,
+    DeviceMapSpec,
+    ModelSpec,
+    parse_device_map,
+    parse_max_memory,
+    parse_model,
+    parse_precision,
+)
+
+# BitsAndBytesConfig fields that transformers 4 let users pass straight to from_pretrained.
+_LEGACY_BNB_KWARGS = (
+    "load_in_8bit",
+    "load_in_4bit",
+    "llm_int8_threshold",
+    "llm_int8_skip_modules",
+    "llm_int8_enable_fp32_cpu_offload",
+    "llm_int8_has_fp16_weight",
+    "bnb_4bit_compute_dtype",
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "bnb_4bit_quant_storage",
+)
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_ACCELERATOR_FREE = {"cpu", "disk", "meta"}
+
+
+@dataclass
+class LoadInfo:
+    """What a load did beyond what the caller asked: resolved map, notes, offload folder."""
+
+    device_map: Any = None
+    notes: list[str] = field(default_factory=list)
+    offload_folder: str | None = None
+
+
+def resolve_source(model: ModelSpec) -> str:
+    """The path or hub id that ``from_pretrained`` gets for ``model`` (building a built-in on first use)."""
+    if model.kind == "builtin":
+        from .builtin import builtin_path
+
+        return str(builtin_path(model.source))
+    return model.source
+
+
+def _is_local(model: ModelSpec) -> bool:
+    return model.kind in ("builtin", "path")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].strip()
+
+
+def load_config(model: Any, *, trust_remote_code: bool = False):
+    """The ``PretrainedConfig`` of an id, path, ``builtin:`` name, config or model object."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    if hasattr(model, "config") and isinstance(getattr(model, "config"), PretrainedConfig):
+        return model.config
+    spec = parse_model(model)
+    source = resolve_source(spec)
+    try:
+        config = AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=_is_local(spec)
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line naming the model
+        raise ModelLoadError(_config_error(spec, exc, trust_remote_code)) from None
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        raise ModelLoadError(
+            f"model {spec.text!r} needs code from the checkpoint (auto_map in config.json); "
+            "pass --llm-trust-remote-code (trust_remote_code=True) if you trust it"
+        )
+    return config
+
+
+def _config_error(spec: ModelSpec, exc: BaseException, trust_remote_code: bool) -> str:
+    message = _first_line(exc)
+    if "trust_remote_code" in str(exc) and not trust_remote_code:
+        return (
+            f"model {spec.text!r} needs code from the checkpoint; "
+            "pass --llm-trust-remote-code (trust_remote_code=True) if you trust it"
+        )
+    if spec.kind == "hub":
+        return (
+            f"cannot load model {spec.text!r} from the hub or the local cache: {message} "
+            "(to run offline, download it first or point --llm-model at a local directory)"
+        )
+    config_file = Path(resolve_source(spec)) / "config.json"
+    return f"cannot read {config_file}: {message}"
+
+
+def model_class_for(config, override: Any = None):
+    """The class to load with: ``override`` (a class or a transformers name), else the checkpoint's own
+    architecture (``config.architectures[0]``), else ``AutoModel``."""
+    import transformers
+
+    if override is not None:
+        if isinstance(override, str):
+            cls = getattr(transformers, override, None)
+            if cls is None or not hasattr(cls, "from_pretrained"):
+                raise LLMLoadUsageError(
+                    f"unknown model class {override!r}: expected a transformers class name such as "
+                    "'AutoModelForCausalLM' or 'AutoModelForSequenceClassification'"
+                )
+            return cls
+        return override
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def quantization_config_for(precision: str, **overrides):
+    """The ``BitsAndBytesConfig`` for int8/nf4/fp4, or ``None`` for a float precision."""
+    if precision not in QUANTIZED_PRECISIONS:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, **overrides)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=precision, **overrides)
+
+
+def translate_legacy_kwargs(kwargs: dict[str, Any]) -> str | None:
+    """Turn transformers-4 style ``load_in_8bit=True`` (and friends) into a ``quantization_config``.
+
+    Mutates ``kwargs``; returns the precision it implies, or None. Warns with a DeprecationWarning.
+    """
+    legacy = {k: kwargs.pop(k) for k in _LEGACY_BNB_KWARGS if k in kwargs}
+    if not legacy:
+        return None
+    if kwargs.get("quantization_config") is not None:
+        raise LLMLoadUsageError(
+            f"pass either quantization_config or {', '.join(sorted(legacy))}, not both"
+        )
+    eight, four = legacy.pop("load_in_8bit", False), legacy.pop("load_in_4bit", False)
+    if eight and four:
+        raise LLMLoadUsageError("load_in_8bit=True and load_in_4bit=True together: choose one")
+    if not (eight or four):
+        if legacy:
+            raise LLMLoadUsageError(
+                f"{', '.join(sorted(legacy))} given without load_in_8bit=True or load_in_4bit=True"
+            )
+        return None
+    precision = "int8" if eight else legacy.get("bnb_4bit_quant_type", "nf4")
+    warnings.warn(
+        f"{'load_in_8bit' if eight else 'load_in_4bit'}=True was removed from from_pretrained in transformers 5; "
+        f"pytest-llmload translated it to quantization_config=BitsAndBytesConfig(...) "
+        f"(use precision={precision!r} instead)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    from transformers import BitsAndBytesConfig
+
+    kwargs["quantization_config"] = BitsAndBytesConfig(
+        load_in_8bit=bool(eight), load_in_4bit=bool(four), **legacy
+    )
+    return precision
+
+
+def local_process_index() -> int:
+    """The process's index on its node under ``accelerate launch`` or ``torchrun`` (0 otherwise)."""
+    for var in ("LOCAL_RANK", "ACCELERATE_LOCAL_PROCESS_INDEX", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def resolve_device_map(spec: DeviceMapSpec) -> Any:
+    """The value ``from_pretrained`` gets: ``process`` becomes this process's own device."""
+    if spec.kind == "process":
+        import torch
+
+        if torch.cuda.is_available():
+            return {"": local_process_index() % torch.cuda.device_count()}
+        return {"": "cpu"}
+    return spec.as_user_value()
+
+
+def map_devices(device_map: Any) -> set:
+    return set(device_map.values()) if isinstance(device_map, dict) else set()
+
+
+def quantized_map_problem(precision: str, device_map: Any) -> str | None:
+    """Why a bitsandbytes precision cannot honour ``device_map`` as asked, or None.
+
+    bitsandbytes keeps modules placed on cpu/disk in fp32 when other modules are on a GPU
+    (``llm_int8_enable_fp32_cpu_offload``). Without any GPU in the map that would leave nothing
+    quantized, so such a cell is refused rather than silently loaded as a float model.
+    """
+    devices = map_devices(device_map)
+    if precision in QUANTIZED_PRECISIONS and "disk" in devices and not (devices - _ACCELERATOR_FREE):
+        return (
+            f"{precision} on a map of only cpu and disk would keep every module in fp32 "
+            "(bitsandbytes' llm_int8_enable_fp32_cpu_offload), so nothing would be quantized; "
+            "use device_map 'cpu' for quantized loads without a GPU"
+        )
+    return None
+
+
+def load_model(
+    model: Any,
+    *,
+    device_map: Any = None,
+    precision: str | None = None,
+    max_memory: Any = None,
+    model_class: Any = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    info: LoadInfo | None = None,
+    **kwargs: Any,
+):
+    """Load ``model`` (``builtin:NAME``, a directory or a hub id) with ``from_pretrained``.
+
+    ``precision`` is one of auto, fp32, fp16, bf16, int8, nf4, fp4; ``device_map`` anything
+    ``--llm-device-map`` accepts (default: none, i.e. transformers' own default placement).
+    Disk entries get a temporary offload folder, removed when the model is garbage collected.
+    Safetensors weights only, unless ``allow_pickle=True``; checkpoint code only with ``trust_remote_code``.
+    """
+    spec = parse_model(model)
+    info = info if info is not None else LoadInfo()
+    legacy_precision = translate_legacy_kwargs(kwargs)
+    if precision is not None and legacy_precision is not None and parse_precision(precision) != legacy_precision:
+        raise LLMLoadUsageError(
+            f"precision={precision!r} contradicts the legacy bitsandbytes kwargs (which mean {legacy_precision!r})"
+        )
+    precision = parse_precision(precision) if precision is not None else (legacy_precision or "auto")
+    budget = parse_max_memory(max_memory)
+
+    resolved_map = resolve_device_map(parse_device_map(device_map)) if device_map is not None else None
+    problem = quantized_map_problem(precision, resolved_map)
+    if problem and kwargs.get("quantization_config") is None:
+        raise LLMLoadUsageError(problem)
+    info.device_map = resolved_map
+
+    config = load_config(spec, trust_remote_code=trust_remote_code)
+    cls = model_class_for(config, model_class)
+    source = resolve_source(spec)
+
+    call: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if _is_local(spec):
+        call["local_files_only"] = True
+    if not allow_pickle:
+        call["use_safetensors"] = True
+    if precision in _DTYPES:
+        import torch
+
+        call["dtype"] = getattr(torch, _DTYPES[precision])
+    elif precision == "auto":
+        call["dtype"] = "auto"
+    if precision in QUANTIZED_PRECISIONS and kwargs.get("quantization_config") is None:
+        devices = map_devices(resolved_map)
+        overrides = {}
+        if devices & {"cpu", "disk"} and devices - _ACCELERATOR_FREE:
+            overrides["llm_int8_enable_fp32_cpu_offload"] = True
+            info.notes.append("fp32-cpu-offload: modules on cpu/disk stay in fp32")
+        call["quantization_config"] = quantization_config_for(precision, **overrides)
+    if resolved_map is not None:
+        call["device_map"] = resolved_map
+    if budget:
+        call["max_memory"] = budget
+    call.update(kwargs)
+
+    own_folder = None
+    if "offload_folder" not in call and needs_offload_folder(call.get("device_map"), call.get("max_memory")):
+        own_folder = tempfile.mkdtemp(prefix="llmload-offload-")
+        call["offload_folder"] = own_folder
+    info.offload_folder = call.get("offload_folder")
+    try:
+        loaded = cls.from_pretrained(source, **call)
+    except BaseException as exc:
+        if own_folder is not None:
+            shutil.rmtree(own_folder, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, LLMLoadUsageError):
+            raise ModelLoadError(_load_error(spec, source, exc, allow_pickle)) from None
+        raise
+    if own_folder is not None:
+        weakref.finalize(loaded, shutil.rmtree, own_folder, True)
+    return loaded
+
+
+def needs_offload_folder(device_map: Any, max_memory: Any = None) -> bool:
+    """Whether a load may put weights on disk: a strategy or a budget can spill, a map can name disk."""
+    if device_map is None:
+        return False
+    return isinstance(device_map, str) or "disk" in map_devices(device_map) or bool(max_memory)
+
+
+def _load_error(spec: ModelSpec, source: str, exc: BaseException, allow_pickle: bool) -> str:
+    message = _first_line(exc)
+    where = f"model {spec.text!r}" if spec.kind != "path" else f"checkpoint {source}"
+    if not allow_pickle and _only_pickle_weights(source):
+        return (
+            f"{where} has only pickle weights (pytorch_model.bin), and unpickling can run code; "
+            "pass --llm-allow-pickle (allow_pickle=True) if you trust it, or convert it to safetensors"
+        )
+    return f"cannot load {where}: {type(exc).__name__}: {message}"
+
+
+def _only_pickle_weights(source: str) -> bool:
+    path = Path(source)
+    if not path.is_dir():
+        return False
+    names = [p.name for p in path.iterdir()]
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    return has_pickle and not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names)
+
+
+def load_tokenizer(model: Any, *, trust_remote_code: bool = False, **kwargs: Any):
+    """The tokenizer stored beside ``model``'s weights (same directory or hub id)."""
+    from transformers import AutoTokenizer
+
+    spec = parse_model(model)
+    source = resolve_source(spec)
+    if _is_local(spec):
+        kwargs.setdefault("local_files_only", True)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(
+            f"cannot load the tokenizer of {spec.text!r} from {source}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
+
+
+def effective_device_map(model) -> dict[str, Any]:
+    """``model.hf_device_map`` where transformers set one, else ``{"": device}`` of its parameters.
+
+    transformers 5 sets no ``hf_device_map`` for a single-device load.
+    """
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        return dict(device_map)
+    device = None
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        device = tensor.device
+        break
+    if device is None:
+        return {"": "cpu"}
+    if device.type == "cuda":
+        return {"": device.index if device.index is not None else 0}
+    return {"": device.type if device.index is None else f"{device.type}:{device.index}"}

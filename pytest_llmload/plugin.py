@@ -1,0 +1,63 @@
+"""pytest hooks only: options, ini keys, markers, and the session manager that does the work.
+
+Nothing here imports torch or transformers: a suite that never asks for an llm fixture pays nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .fixtures import gpu_inventory, llm_load, llm_model, llm_private_model, llm_spec, llm_tokenizer  # noqa: F401
+from .session import SESSION_KEY, LLMLoadSession
+
+MARKERS = (
+    "llm(models=None, device_maps=None, precisions=None): this test's own matrix of models, "
+    "device maps and precisions, instead of the command line's",
+    "requires_gpus(n=1, *, memory=None): skip unless n visible GPUs, each with at least `memory` (e.g. '24 GiB')",
+    "requires_bitsandbytes: skip unless bitsandbytes is installed and has a working backend here",
+    "max_footprint(limit): fail if the llm_model the test used has a larger get_memory_footprint()",
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("llmload", "language model loading (pytest-llmload)")
+
+    def add(option: str, ini: str, help: str, *, ini_type: str = "string", default=None, **kwargs) -> None:
+        group.addoption(option, dest=ini, help=help + f" [ini: {ini}]", **kwargs)
+        parser.addini(ini, help, type=ini_type, default=default)
+
+    add("--llm-model", "llm_models", "model: hub id, local directory or builtin:NAME (repeatable; "
+        "default builtin:tiny-llama)", ini_type="linelist", action="append", metavar="ID")
+    add("--llm-device-map", "llm_device_maps", "device map: auto, balanced, balanced_low_0, sequential, cpu, "
+        "cuda, cuda:N, N, process, a JSON object or @file.json (repeatable; default auto)",
+        ini_type="linelist", action="append", metavar="MAP")
+    add("--llm-precision", "llm_precisions", "precision: auto, fp32, fp16, bf16, int8, nf4, fp4 "
+        "(repeatable; default auto = the checkpoint's dtype)", ini_type="linelist", action="append", metavar="P")
+    add("--llm-max-memory", "llm_max_memory", "per-device budgets, e.g. 0=20GiB,1=20GiB,cpu=64GiB", metavar="SPEC")
+    add("--llm-require-gpus", "llm_require_gpus", "GPU CI mode: a test skipped for missing hardware fails "
+        "instead; with a count, the session fails at start-up with fewer visible GPUs",
+        nargs="?", const="true", metavar="N")
+    add("--llm-trust-remote-code", "llm_trust_remote_code", "allow checkpoints to run their own code "
+        "(off by default)", ini_type="bool", default=False, action="store_const", const=True)
+    add("--llm-allow-pickle", "llm_allow_pickle", "allow checkpoints that only have pickle weights "
+        "(pytorch_model.bin); unpickling can run code", ini_type="bool", default=False,
+        action="store_const", const=True)
+    add("--llm-cache-size", "llm_cache_size", "how many loaded models the session keeps at once (default 2)",
+        metavar="N")
+    add("--llm-report", "llm_report", "write the load report as JSON to PATH", metavar="PATH")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
+    manager = LLMLoadSession.from_config(config)
+    config.stash[SESSION_KEY] = manager
+    config.pluginmanager.register(manager, "llmload-session")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    manager = config.stash.get(SESSION_KEY, None)
+    if manager is not None:
+        manager.close()
+        config.pluginmanager.unregister(manager)
+        del config.stash[SESSION_KEY]

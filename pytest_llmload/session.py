@@ -1,0 +1,240 @@
+"""The session manager: one object per pytest run that holds the options, the cache and the state.
+
+Every hook other than option registration is a method here (registered in ``pytest_configure``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from .errors import LLMLoadUsageError
+from .specs import (
+    LLMSpec,
+    make_spec,
+    parse_device_map,
+    parse_max_memory,
+    parse_model,
+    parse_precision,
+    split_values,
+)
+
+SESSION_KEY = pytest.StashKey["LLMLoadSession"]()
+DEFAULT_MODEL = "builtin:tiny-llama"
+LLM_FIXTURES = ("llm_spec",)  # every cell-dependent fixture requests llm_spec
+_MARKER_AXES = {"models": parse_model, "device_maps": parse_device_map, "precisions": parse_precision}
+
+
+@dataclass
+class Options:
+    models: list
+    device_maps: list
+    precisions: list
+    max_memory: dict | None
+    require_gpus: bool
+    min_gpus: int | None
+    trust_remote_code: bool
+    allow_pickle: bool
+    cache_size: int
+    report: str | None
+
+
+def _values(config: pytest.Config, name: str) -> list[str]:
+    cli = config.getoption(name, None)
+    if cli:
+        return split_values(cli)
+    return split_values(config.getini(name) or [])
+
+
+def _scalar(config: pytest.Config, name: str) -> Any:
+    cli = config.getoption(name, None)
+    return cli if cli is not None else config.getini(name)
+
+
+def _parse_require_gpus(value: Any) -> tuple[bool, int | None]:
+    if value in (None, "", False):
+        return False, None
+    if value is True:
+        return True, None
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on") and text != "1":
+        return True, None
+    if text in ("false", "no", "0", "off"):
+        return False, None
+    if text.isdigit():
+        return True, int(text)
+    raise LLMLoadUsageError(f"invalid --llm-require-gpus value {value!r}: expected no value, true/false or a GPU count")
+
+
+def parse_options(config: pytest.Config) -> Options:
+    """Read and check every option at start-up; a bad value raises one :class:`LLMLoadUsageError`."""
+    models = [parse_model(v) for v in _values(config, "llm_models")] or [parse_model(DEFAULT_MODEL)]
+    device_maps = [parse_device_map(v) for v in _values(config, "llm_device_maps")] or [parse_device_map("auto")]
+    precisions = [parse_precision(v) for v in _values(config, "llm_precisions")] or ["auto"]
+    require, min_gpus = _parse_require_gpus(_scalar(config, "llm_require_gpus"))
+    size_text = _scalar(config, "llm_cache_size") or "2"
+    if not str(size_text).strip().isdigit() or int(size_text) < 1:
+        raise LLMLoadUsageError(f"invalid --llm-cache-size value {size_text!r}: expected a whole number >= 1")
+    return Options(
+        models=_unique(models),
+        device_maps=_unique(device_maps),
+        precisions=_unique(precisions),
+        max_memory=parse_max_memory(_scalar(config, "llm_max_memory")),
+        require_gpus=require,
+        min_gpus=min_gpus,
+        trust_remote_code=bool(_scalar(config, "llm_trust_remote_code")),
+        allow_pickle=bool(_scalar(config, "llm_allow_pickle")),
+        cache_size=int(size_text),
+        report=_scalar(config, "llm_report") or None,
+    )
+
+
+def _unique(values: list) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+class LLMLoadSession:
+    """Holds one run's options, model cache and the record of what was loaded."""
+
+    def __init__(self, config: pytest.Config, options: Options):
+        self.config = config
+        self.options = options
+        self._cache = None
+        self._inventory = None
+        self.strict_failures: list[tuple[str, str]] = []
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "LLMLoadSession":
+        try:
+            options = parse_options(config)
+        except LLMLoadUsageError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        return cls(config, options)
+
+    # -- the cache, created on first use so that torch is imported only when needed -------
+    @property
+    def cache(self):
+        if self._cache is None:
+            from .cache import ModelCache
+
+            self._cache = ModelCache(
+                self.options.cache_size,
+                trust_remote_code=self.options.trust_remote_code,
+                allow_pickle=self.options.allow_pickle,
+            )
+        return self._cache
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+
+    # -- hardware --------------------------------------------------------------------------
+    @property
+    def inventory(self):
+        """This process's GPUs and bitsandbytes backend, probed on first use, once."""
+        if self._inventory is None:
+            from .hardware import probe_inventory
+
+            self._inventory = probe_inventory()
+        return self._inventory
+
+    def missing_hardware(self, nodeid: str | None, reasons: list[str]) -> None:
+        """Skip for missing hardware, or fail in GPU CI mode (``--llm-require-gpus``). No-op without reasons."""
+        if not reasons:
+            return
+        message = "; ".join(reasons)
+        if self.options.require_gpus:
+            self.strict_failures.append((nodeid or "(llm_load)", message))
+            pytest.fail(f"{message} (--llm-require-gpus: missing hardware fails instead of skipping)", pytrace=False)
+        pytest.skip(message)
+
+    def check_cell(self, spec: LLMSpec, nodeid: str | None = None, *, own_quantization: bool = False) -> None:
+        """Skip (or fail in strict mode) a cell that cannot run here, before anything loads."""
+        from .hardware import cell_reasons
+        from .loading import quantized_map_problem
+
+        problem = quantized_map_problem(spec.precision, spec.device_map)
+        if problem and not own_quantization:
+            pytest.skip(problem)
+        self.missing_hardware(nodeid, cell_reasons(spec, self.inventory))
+
+    # -- the matrix ------------------------------------------------------------------------
+    def default_spec(self) -> LLMSpec:
+        o = self.options
+        return make_spec(o.models[0], o.device_maps[0], o.precisions[0], o.max_memory)
+
+    def cells(self, marker: pytest.Mark | None = None) -> list[LLMSpec]:
+        """The matrix for one test: its ``llm`` marker's axes where given, else the options'."""
+        axes = {"models": self.options.models, "device_maps": self.options.device_maps,
+                "precisions": self.options.precisions}
+        if marker is not None:
+            if marker.args:
+                raise LLMLoadUsageError(
+                    "@pytest.mark.llm takes keyword arguments only: models=, device_maps=, precisions="
+                )
+            unknown = set(marker.kwargs) - set(_MARKER_AXES)
+            if unknown:
+                raise LLMLoadUsageError(
+                    f"@pytest.mark.llm got unknown argument(s) {', '.join(sorted(unknown))}: "
+                    "expected models=, device_maps=, precisions="
+                )
+            for axis, parse in _MARKER_AXES.items():
+                if axis in marker.kwargs:
+                    values = marker.kwargs[axis]
+                    if isinstance(values, (str, dict, int)):
+                        values = [values]
+                    axes[axis] = _unique([parse(v) for v in values])
+                    if not axes[axis]:
+                        raise LLMLoadUsageError(f"@pytest.mark.llm({axis}=...) is empty")
+        return [
+            make_spec(m, d, p, self.options.max_memory)
+            for m in axes["models"]
+            for d in axes["device_maps"]
+            for p in axes["precisions"]
+        ]
+
+    @pytest.hookimpl
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        if "llm_spec" not in metafunc.fixturenames:
+            return
+        try:
+            cells = self.cells(metafunc.definition.get_closest_marker("llm"))
+        except LLMLoadUsageError as exc:
+            raise pytest.fail(f"{metafunc.definition.nodeid}: {exc}", pytrace=False) from None
+        metafunc.parametrize("llm_spec", cells, ids=[c.id for c in cells], indirect=True)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Group tests by matrix cell when there are more cells than the cache holds, so each loads once."""
+        order: dict[str, int] = {}
+        for item in items:
+            spec = _item_spec(item)
+            if spec is not None:
+                order.setdefault(spec.id, len(order))
+        if len(order) <= self.options.cache_size:
+            return
+        items.sort(key=lambda item: order.get(getattr(_item_spec(item), "id", None), -1))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self._cache is None or not self._cache.loads:
+            return
+        info = self._cache.cache_info()
+        terminalreporter.write_line(
+            f"llmload: {info.loads} load(s), {info.hits} reuse(s), {info.evictions} eviction(s)"
+        )
+
+
+def _item_spec(item: pytest.Item) -> LLMSpec | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("llm_spec") if callspec is not None else None
+
+
+def in_xdist_worker() -> bool:
+    return "PYTEST_XDIST_WORKER" in os.environ

@@ -1,0 +1,327 @@
+"""Parsing what users write (model ids, device maps, precisions, budgets) into checked values.
+
+Nothing here imports torch: these run at pytest start-up, before any test asks for a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import LLMLoadUsageError
+from .sizes import parse_size
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "fp4")
+QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
+_PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "4bit": "nf4", "8bit": "int8"}
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE_MAP_ACCEPTED = (
+    "auto, balanced, balanced_low_0, sequential, cpu, cuda, cuda:N, N, process, "
+    "a JSON object such as '{\"\": 0}' or @file.json"
+)
+# Devices a custom map may name: cpu, disk, meta, an accelerator index or "<type>[:N]".
+_DEVICE_RE = re.compile(r"^(cpu|disk|meta|(cuda|xpu|npu|mps|hpu|mlu)(:\d+)?)$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+BUILTIN_PREFIX = "builtin:"
+
+
+def parse_precision(value: str) -> str:
+    """Canonical precision name for ``value`` (``"float16"`` -> ``"fp16"``)."""
+    if not isinstance(value, str):
+        raise LLMLoadUsageError(f"invalid precision {value!r}: expected one of {', '.join(PRECISIONS)}")
+    text = value.strip().lower()
+    text = _PRECISION_ALIASES.get(text, text)
+    if text not in PRECISIONS:
+        raise LLMLoadUsageError(f"invalid precision {value!r}: expected one of {', '.join(PRECISIONS)}")
+    return text
+
+
+def check_device(device: Any, *, where: str = "") -> int | str:
+    """Return ``device`` if a device map may name it: an index >= 0, cpu, disk, meta, cuda[:N]..."""
+    if isinstance(device, bool) or not isinstance(device, (int, str)):
+        raise LLMLoadUsageError(
+            f"invalid device {device!r}{where}: expected a GPU index, 'cpu', 'disk', 'meta' or 'cuda:N'"
+        )
+    if isinstance(device, int):
+        if device < 0:
+            raise LLMLoadUsageError(f"invalid device {device!r}{where}: a GPU index cannot be negative")
+        return device
+    if not _DEVICE_RE.match(device):
+        raise LLMLoadUsageError(
+            f"invalid device {device!r}{where}: expected a GPU index, 'cpu', 'disk', 'meta' or 'cuda:N'"
+        )
+    return device
+
+
+def check_device_map_dict(mapping: Any, *, source: str = "device map") -> dict[str, int | str]:
+    """Check the shape of a custom device map: module names (str) to devices."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise LLMLoadUsageError(
+            f"invalid {source} {mapping!r}: expected a non-empty JSON object of module name -> device"
+        )
+    checked: dict[str, int | str] = {}
+    for name, device in mapping.items():
+        if not isinstance(name, str):
+            raise LLMLoadUsageError(f"invalid {source}: module name {name!r} is not a string")
+        checked[name] = check_device(device, where=f" for module {name!r} in {source}")
+    return checked
+
+
+@dataclass(frozen=True)
+class DeviceMapSpec:
+    """A parsed ``--llm-device-map`` value.
+
+    ``kind`` is ``strategy`` (auto, balanced, ...), ``device`` (the whole model on one device),
+    ``process`` (one copy per process, resolved at load time) or ``custom`` (a dict).
+    """
+
+    kind: str
+    value: Any
+    label: str
+    source: str = ""
+
+    def as_user_value(self) -> Any:
+        """The map as a user would pass it to ``from_pretrained`` (``process`` stays symbolic)."""
+        if self.kind == "custom":
+            return dict(self.value)
+        if self.kind == "device":
+            return {"": self.value}
+        return self.value
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.as_user_value(), sort_keys=True)
+
+
+def _map_label(mapping: dict) -> str:
+    devices = []
+    for device in mapping.values():
+        if device not in devices:
+            devices.append(device)
+    digest = hashlib.sha1(json.dumps(mapping, sort_keys=True).encode()).hexdigest()[:6]
+    return "map-" + "+".join(str(d).replace(":", "") for d in devices) + "-" + digest
+
+
+def parse_device_map(value: Any) -> DeviceMapSpec:
+    """Parse a device map as given on the command line, in ini, a marker or ``llm_load``."""
+    if isinstance(value, DeviceMapSpec):
+        return value
+    if isinstance(value, dict):
+        mapping = check_device_map_dict(value)
+        if list(mapping) == [""]:
+            return _single_device(mapping[""], str(value))
+        return DeviceMapSpec("custom", tuple(mapping.items()), _map_label(mapping))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _single_device(check_device(value), str(value))
+    if not isinstance(value, str) or not value.strip():
+        raise LLMLoadUsageError(f"invalid device map {value!r}: expected {DEVICE_MAP_ACCEPTED}")
+    text = value.strip()
+    if text in STRATEGIES:
+        return DeviceMapSpec("strategy", text, text)
+    if text == "process":
+        return DeviceMapSpec("process", "process", "process")
+    if text.isdigit():
+        return _single_device(int(text), text)
+    if text.startswith("@"):
+        path = Path(text[1:]).expanduser()
+        try:
+            raw = path.read_text()
+        except OSError as exc:
+            raise LLMLoadUsageError(
+                f"invalid device map {text!r}: cannot read {path} ({exc.strerror or exc})"
+            ) from None
+        try:
+            mapping = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise LLMLoadUsageError(
+                f"invalid device map file {path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+            ) from None
+        mapping = check_device_map_dict(mapping, source=f"device map file {path}")
+        if list(mapping) == [""]:
+            return _single_device(mapping[""], text)
+        return DeviceMapSpec("custom", tuple(mapping.items()), path.stem, source=str(path))
+    if text.startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LLMLoadUsageError(
+                f"invalid device map {text!r}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        return parse_device_map(mapping)
+    if _DEVICE_RE.match(text) and text not in ("disk", "meta"):
+        return _single_device(text, text)
+    raise LLMLoadUsageError(f"invalid device map {text!r}: expected {DEVICE_MAP_ACCEPTED}")
+
+
+def _single_device(device: int | str, text: str) -> DeviceMapSpec:
+    if device in ("disk", "meta"):
+        raise LLMLoadUsageError(
+            f"invalid device map {text!r}: a whole model cannot be placed on {device!r}; "
+            "name cpu or a GPU for some modules"
+        )
+    label = device if isinstance(device, str) else f"cuda{device}"
+    return DeviceMapSpec("device", device, label.replace(":", ""))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed ``--llm-model`` value: ``builtin:NAME``, a local directory or a hub id."""
+
+    kind: str  # builtin | path | hub
+    source: str  # builtin name, absolute path or hub id
+    label: str
+
+    @property
+    def text(self) -> str:
+        return BUILTIN_PREFIX + self.source if self.kind == "builtin" else self.source
+
+
+def _looks_like_path(text: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else with separators is meant as a local path.
+    return text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text or os.path.exists(text)
+
+
+def parse_model(value: Any) -> ModelSpec:
+    """Parse a model reference: ``builtin:NAME``, an existing directory, or a hub id ``org/name``."""
+    from .builtin import BUILTIN_MODELS
+
+    if isinstance(value, ModelSpec):
+        return value
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise LLMLoadUsageError(
+            f"invalid model {value!r}: expected builtin:NAME, a local checkpoint directory or a hub id"
+        )
+    text = value.strip()
+    if text.startswith(BUILTIN_PREFIX):
+        name = text[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            raise LLMLoadUsageError(
+                f"unknown built-in model {text!r}: expected one of "
+                + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+            )
+        return ModelSpec("builtin", name, name)
+    if _looks_like_path(text):
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise LLMLoadUsageError(f"model path {text!r} does not exist: expected a checkpoint directory")
+        if not path.is_dir():
+            raise LLMLoadUsageError(
+                f"model path {text!r} is not a directory: expected a checkpoint directory with config.json"
+            )
+        if not (path / "config.json").is_file():
+            raise LLMLoadUsageError(f"model path {text!r} has no config.json: expected a checkpoint directory")
+        path = path.resolve()
+        return ModelSpec("path", str(path), path.name)
+    if not _HUB_ID_RE.match(text):
+        raise LLMLoadUsageError(
+            f"invalid model {text!r}: expected builtin:NAME, a local checkpoint directory or a hub id such as 'org/name'"
+        )
+    return ModelSpec("hub", text, text.rsplit("/", 1)[-1])
+
+
+def parse_max_memory(value: Any) -> dict[int | str, int] | None:
+    """Parse per-device budgets: ``"0=20GiB,1=20GiB,cpu=64GiB"`` or a dict -> ``{0: bytes, 1: ..., "cpu": ...}``."""
+    if value is None or value == "" or value == {}:
+        return None
+    items: Iterable[tuple[Any, Any]]
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, str):
+        pairs = []
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise LLMLoadUsageError(
+                    f"invalid max memory {value!r}: {part!r} is not DEVICE=SIZE; expected e.g. '0=20GiB,1=20GiB,cpu=64GiB'"
+                )
+            device, size = part.split("=", 1)
+            pairs.append((device.strip(), size.strip()))
+        items = pairs
+    else:
+        raise LLMLoadUsageError(
+            f"invalid max memory {value!r}: expected a dict or a string such as '0=20GiB,cpu=64GiB'"
+        )
+    budget: dict[int | str, int] = {}
+    for device, size in items:
+        if isinstance(device, str) and device.isdigit():
+            device = int(device)
+        try:
+            device = check_device(device, where=" in max memory")
+        except LLMLoadUsageError:
+            raise LLMLoadUsageError(
+                f"invalid max memory {value!r}: device {device!r} is not a GPU index, 'cpu', 'disk' or 'cuda:N'"
+            ) from None
+        if isinstance(device, str) and device.startswith("cuda:"):
+            device = int(device.split(":")[1])
+        try:
+            budget[device] = parse_size(size)
+        except LLMLoadUsageError as exc:
+            raise LLMLoadUsageError(f"invalid max memory {value!r}: {exc}") from None
+    return budget or None
+
+
+def split_values(values: Iterable[str]) -> list[str]:
+    """Split ini lines (and repeated options) on top-level commas; JSON objects keep their commas."""
+    out: list[str] = []
+    for raw in values:
+        depth, quote, start = 0, False, 0
+        for i, ch in enumerate(raw):
+            if ch == '"' and (i == 0 or raw[i - 1] != "\\"):
+                quote = not quote
+            elif not quote and ch in "{[":
+                depth += 1
+            elif not quote and ch in "}]":
+                depth -= 1
+            elif not quote and depth == 0 and ch == ",":
+                out.append(raw[start:i])
+                start = i + 1
+        out.append(raw[start:])
+    return [v.strip() for v in out if v.strip()]
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """One cell of the matrix: which model, under which device map, in which precision."""
+
+    model_spec: ModelSpec
+    device_map_spec: DeviceMapSpec
+    precision: str
+    max_memory: tuple[tuple[int | str, int], ...] | None = field(default=None)
+
+    @property
+    def model(self) -> str:
+        return self.model_spec.text
+
+    @property
+    def device_map(self) -> Any:
+        return self.device_map_spec.as_user_value()
+
+    @property
+    def id(self) -> str:
+        return f"{self.model_spec.label}-{self.device_map_spec.label}-{self.precision}"
+
+    @property
+    def max_memory_dict(self) -> dict | None:
+        return dict(self.max_memory) if self.max_memory else None
+
+    def __repr__(self) -> str:
+        return f"LLMSpec(model={self.model!r}, device_map={self.device_map!r}, precision={self.precision!r})"
+
+
+def make_spec(model: Any, device_map: Any = "auto", precision: Any = "auto", max_memory: Any = None) -> LLMSpec:
+    budget = parse_max_memory(max_memory)
+    return LLMSpec(
+        parse_model(model),
+        parse_device_map(device_map if device_map is not None else "auto"),
+        parse_precision(precision if precision is not None else "auto"),
+        tuple(sorted(budget.items(), key=lambda kv: str(kv[0]))) if budget else None,
+    )
