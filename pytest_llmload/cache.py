@@ -71,6 +71,7 @@ class ModelCache:
         self._config_ok: set[str] = set()
         self.loads = self.hits = self.evictions = 0
         self.load_attempts: dict[str, int] = {}
+        self.config_attempts: dict[str, int] = {}
         self.history: list[LoadRecord] = []  # every load this session, for the report
         self.on_load: list[Callable[[CachedModel], None]] = []
         self._offload_root: str | None = None
@@ -152,6 +153,7 @@ class ModelCache:
             return
         if model in self._failures:
             raise ModelLoadError(self._failures[model])
+        self.config_attempts[model] = self.config_attempts.get(model, 0) + 1
         try:
             load_config(spec.model_spec, trust_remote_code=self.trust_remote_code)
         except LLMLoadError as exc:

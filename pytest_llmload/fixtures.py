@@ -22,7 +22,7 @@ def _clean_errors() -> Iterator[None]:
     try:
         yield
     except LLMLoadError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        raise pytest.fail.Exception(str(exc), pytrace=False) from None
 
 
 @pytest.fixture

@@ -220,7 +220,11 @@ class LLMLoadSession:
                 order.setdefault(spec.id, len(order))
         if len(order) <= self.options.cache_size:
             return
-        items.sort(key=lambda item: order.get(getattr(_item_spec(item), "id", None), -1))
+        # Reorder only the llm tests, among the positions they hold; other tests keep their places.
+        slots = [i for i, item in enumerate(items) if _item_spec(item) is not None]
+        grouped = sorted((items[i] for i in slots), key=lambda item: order[_item_spec(item).id])
+        for slot, item in zip(slots, grouped):
+            items[slot] = item
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if self._cache is None or not self._cache.loads:

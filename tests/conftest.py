@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+# pytester's in-process runs restore sys.modules afterwards, and torch cannot be imported twice in
+# one process: import the heavy stack once, here, so every in-process run shares it.
+import bitsandbytes  # noqa: E402,F401
+import torch  # noqa: E402,F401
+import transformers  # noqa: E402,F401
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub's offline mode, set in-process, so a hub id fails fast instead of retrying for ~25 s."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def isolated_tmp(monkeypatch, tmp_path):
+    """Route tempfile's folders to a fresh directory, so a test can check that nothing is left behind."""
+    import tempfile
+
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def pytest_configure(config):
+    warnings.filterwarnings("ignore", message="MatMul8bitLt", category=UserWarning)
+
+
+def pytest_sessionstart(session):
+    """Warm up: build the built-in checkpoints and import every lazily imported module once.
+
+    transformers imports model and quantizer modules on first use; a pytester in-process run would
+    drop them from sys.modules afterwards and the next run would see a second copy of their classes.
+    """
+    import peft  # noqa: F401
+    from transformers.utils import logging as hf_logging
+
+    from pytest_llmload import load_model, load_tokenizer
+    from pytest_llmload.builtin import BUILTIN_MODELS
+
+    hf_logging.disable_progress_bar()
+    for name in BUILTIN_MODELS:
+        load_model(f"builtin:{name}", device_map="cpu")
+        load_tokenizer(f"builtin:{name}")
+    for precision in ("int8", "nf4"):
+        load_model("builtin:tiny-llama", device_map="cpu", precision=precision)
+    load_model("builtin:tiny-bert", model_class="AutoModelForSequenceClassification")
+    hf_logging.enable_progress_bar()

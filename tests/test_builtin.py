@@ -1,0 +1,78 @@
+"""Built-in checkpoints: deterministic, written atomically, rebuilt when damaged."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+
+import pytest
+
+from pytest_llmload.builtin import BUILTIN_MODELS, MANIFEST, builtin_path
+
+
+def _digest(path):
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMLOAD_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_builds_are_deterministic(fresh_cache, monkeypatch, tmp_path):
+    first = builtin_path("tiny-llama")
+    monkeypatch.setenv("LLMLOAD_CACHE_DIR", str(tmp_path / "other"))
+    second = builtin_path("tiny-llama")
+    assert first != second
+    assert _digest(first) == _digest(second)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_every_builtin_is_a_real_checkpoint_with_a_tokenizer(name):
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = builtin_path(name)
+    assert {"config.json", "model.safetensors", "tokenizer.json", MANIFEST} <= set(os.listdir(path))
+    config = AutoConfig.from_pretrained(path)
+    assert config.architectures == [BUILTIN_MODELS[name].model_class]
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers")
+    assert layers >= 3  # enough blocks for a device map to split
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = "Grüße, world! 123"
+    assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+    assert max(tokenizer(text).input_ids) < config.vocab_size
+
+
+def test_damaged_checkpoint_is_rebuilt(fresh_cache):
+    path = builtin_path("tiny-gpt2")
+    good = _digest(path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated after it was written
+    assert builtin_path("tiny-gpt2") == path
+    assert _digest(path) == good
+
+
+def test_no_staging_folders_are_left(fresh_cache):
+    builtin_path("tiny-bert")
+    assert [p.name for p in (fresh_cache / "builtin").iterdir() if p.name.startswith(".")] == []
+
+
+def _build(cache_dir):
+    os.environ["LLMLOAD_CACHE_DIR"] = cache_dir
+    from pytest_llmload.builtin import builtin_path
+
+    return str(builtin_path("tiny-gpt2"))
+
+
+def test_concurrent_builds_end_with_one_sound_copy(fresh_cache):
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        paths = pool.map(_build, [str(fresh_cache)] * 2)
+    assert paths[0] == paths[1]
+    entries = os.listdir(fresh_cache / "builtin")
+    assert entries == [os.path.basename(paths[0])]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(paths[0])
