@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 from dataclasses import dataclass, field
 
+from .errors import LLMLoadUsageError
 from .sizes import format_size, parse_size
 from .specs import QUANTIZED_PRECISIONS, LLMSpec
 
@@ -65,15 +66,14 @@ class Inventory:
         parts = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in names.items())
         return f"{len(self.gpus)} GPU{'s' if len(self.gpus) > 1 else ''} ({parts})"
 
-    def header_line(self) -> str:
+    def describe(self) -> str:
         if self.bitsandbytes_version is None:
             bnb = "bitsandbytes not installed"
         elif self.bitsandbytes_backend:
             bnb = f"bitsandbytes {self.bitsandbytes_version} ({self.bitsandbytes_backend})"
         else:
             bnb = f"bitsandbytes {self.bitsandbytes_version} (no working backend: {self.bitsandbytes_error})"
-        sep = ";" if not self.gpus else ","
-        return f"llmload: {self.describe_gpus()}{sep} {bnb}"
+        return f"llmload: {self.describe_gpus()}; {bnb}"
 
 
 def visible_device_ids() -> list[str] | None:
@@ -161,6 +161,66 @@ def probe_bitsandbytes(device: str = "cpu") -> tuple[str | None, str | None, str
     return version, device.split(":")[0], None
 
 
+def _probe_nvidia_smi() -> list[GPU] | None:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=index,name,memory.total,memory.free,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [[c.strip() for c in line.split(",")] for line in out.strip().splitlines() if line.strip()]
+    by_index = {r[0]: r for r in rows if len(r) >= 4}
+    visible = visible_device_ids()
+    chosen = [by_index[i] for i in (visible if visible is not None else list(by_index)) if i in by_index]
+    gpus = []
+    for index, row in enumerate(chosen):
+        cap = tuple(int(x) for x in row[4].split(".")) if len(row) > 4 and row[4][:1].isdigit() else None
+        gpus.append(GPU(index, row[1], int(float(row[2])) * 2**20, int(float(row[3])) * 2**20, cap))
+    return gpus
+
+
+def visible_gpu_count() -> int:
+    """How many GPUs this process sees, without creating a CUDA context where NVML or nvidia-smi can tell."""
+    gpus = _probe_nvml()
+    if gpus is None:
+        gpus = _probe_nvidia_smi()
+    if gpus is not None and (gpus or not _torch_sees_cuda_hint()):
+        return len(gpus)
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _torch_sees_cuda_hint() -> bool:
+    # Without NVML and nvidia-smi, GPUs can still exist (containers without the tools): ask torch
+    # only when a driver is plausibly there.
+    return os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidia0")
+
+
+def header_line() -> str:
+    """The pytest header line, from sources that create no CUDA context and import no torch.
+
+    bitsandbytes is only named here; its backend is tried when a test first needs it.
+    """
+    gpus = _probe_nvml()
+    if gpus is None:
+        gpus = _probe_nvidia_smi()
+    try:
+        bnb = f"bitsandbytes {importlib.metadata.version('bitsandbytes')} (backend tried on first use)"
+    except importlib.metadata.PackageNotFoundError:
+        bnb = "bitsandbytes not installed"
+    if gpus is None:
+        return f"llmload: GPUs unknown until first use (no NVML); {bnb}"
+    return f"llmload: {Inventory(tuple(gpus)).describe_gpus()}; {bnb}"
+
+
 def probe_inventory(*, bitsandbytes: bool = True) -> Inventory:
     """Probe this process's GPUs (NVML first, then torch) and, if asked, bitsandbytes."""
     gpus = _probe_nvml()
@@ -178,8 +238,9 @@ def probe_inventory(*, bitsandbytes: bool = True) -> Inventory:
 
 
 def _gpu_list(gpus) -> str:
-    sizes = ", ".join(format_size(g.total_memory) for g in gpus)
-    return f"found {len(gpus)}" + (f" ({sizes})" if gpus else "")
+    if not gpus:
+        return "found none"
+    return f"found {len(gpus)} (" + ", ".join(format_size(g.total_memory) for g in gpus) + ")"
 
 
 def gpu_reasons(inventory: Inventory, n: int = 1, memory: int | str | None = None) -> list[str]:
@@ -212,6 +273,22 @@ def map_gpu_indices(device_map) -> set[int]:
         elif isinstance(device, str) and device.startswith("cuda"):
             indices.add(int(device.split(":")[1]) if ":" in device else 0)
     return indices
+
+
+def marker_gpu_reasons(inventory: Inventory, args: tuple, kwargs: dict) -> list[str]:
+    """Reasons for ``@pytest.mark.requires_gpus(n=1, *, memory=None)``, with its arguments checked."""
+    if len(args) > 1 or set(kwargs) - {"n", "memory"} or (args and "n" in kwargs):
+        raise LLMLoadUsageError(
+            f"requires_gpus{_call_text(args, kwargs)}: expected requires_gpus(n=1, *, memory=None)"
+        )
+    n = args[0] if args else kwargs.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise LLMLoadUsageError(f"requires_gpus{_call_text(args, kwargs)}: n must be a whole number >= 1, got {n!r}")
+    return gpu_reasons(inventory, n, kwargs.get("memory"))
+
+
+def _call_text(args: tuple, kwargs: dict) -> str:
+    return "(" + ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]) + ")"
 
 
 def cell_reasons(spec: LLMSpec, inventory: Inventory) -> list[str]:

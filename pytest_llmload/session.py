@@ -60,13 +60,28 @@ def _parse_require_gpus(value: Any) -> tuple[bool, int | None]:
     if value is True:
         return True, None
     text = str(value).strip().lower()
-    if text in ("true", "yes", "1", "on") and text != "1":
+    if text in ("true", "yes", "on"):
         return True, None
-    if text in ("false", "no", "0", "off"):
+    if text in ("false", "no", "off"):
         return False, None
     if text.isdigit():
-        return True, int(text)
+        return (True, int(text)) if int(text) > 0 else (True, None)
     raise LLMLoadUsageError(f"invalid --llm-require-gpus value {value!r}: expected no value, true/false or a GPU count")
+
+
+def _reclaim_positional(config: pytest.Config) -> None:
+    """``pytest --llm-require-gpus tests/`` makes argparse take ``tests/`` as the optional count: give it back."""
+    value = config.getoption("llm_require_gpus", None)
+    if not isinstance(value, str) or value.strip().lower() in ("true", "yes", "on", "false", "no", "off"):
+        return
+    if value.strip().isdigit() or not os.path.exists(value.split("::")[0]):
+        return
+    config.option.llm_require_gpus = "true"
+    if config.args_source == pytest.Config.ArgsSource.ARGS:
+        config.args.append(value)
+    else:
+        config.args[:] = [value]
+        config.args_source = pytest.Config.ArgsSource.ARGS
 
 
 def parse_options(config: pytest.Config) -> Options:
@@ -112,11 +127,22 @@ class LLMLoadSession:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "LLMLoadSession":
+        _reclaim_positional(config)
         try:
             options = parse_options(config)
         except LLMLoadUsageError as exc:
             raise pytest.UsageError(str(exc)) from None
-        return cls(config, options)
+        session = cls(config, options)
+        if options.min_gpus:
+            from .hardware import visible_gpu_count
+
+            found = visible_gpu_count()
+            if found < options.min_gpus:
+                raise pytest.UsageError(
+                    f"--llm-require-gpus={options.min_gpus}: this GPU CI job needs {options.min_gpus} visible "
+                    f"GPU{'s' if options.min_gpus > 1 else ''}; found {found}"
+                )
+        return session
 
     # -- the cache, created on first use so that torch is imported only when needed -------
     @property
@@ -226,7 +252,35 @@ class LLMLoadSession:
         for slot, item in zip(slots, grouped):
             items[slot] = item
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        """Hardware markers: skip (or fail in GPU CI mode) with what was needed and what was found."""
+        from .hardware import bitsandbytes_reasons, marker_gpu_reasons
+
+        gpu_marks = list(item.iter_markers("requires_gpus"))
+        bnb_mark = item.get_closest_marker("requires_bitsandbytes")
+        if not gpu_marks and bnb_mark is None:
+            return
+        reasons: list[str] = []
+        try:
+            for mark in gpu_marks:
+                reasons += marker_gpu_reasons(self.inventory, mark.args, mark.kwargs)
+        except LLMLoadUsageError as exc:
+            raise pytest.fail.Exception(str(exc), pytrace=False) from None
+        if bnb_mark is not None:
+            reasons += bitsandbytes_reasons(self.inventory)
+        self.missing_hardware(item.nodeid, _unique(reasons))
+
+    def pytest_report_header(self, config: pytest.Config) -> str:
+        from .hardware import header_line
+
+        return self._inventory.describe() if self._inventory is not None else header_line()
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.strict_failures:
+            terminalreporter.section("llmload: missing hardware (--llm-require-gpus)", sep="-", red=True)
+            for nodeid, reason in self.strict_failures:
+                terminalreporter.write_line(f"FAILED {nodeid}: {reason}")
         if self._cache is None or not self._cache.loads:
             return
         info = self._cache.cache_info()
