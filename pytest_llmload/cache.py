@@ -191,6 +191,9 @@ class ModelCache:
         self.clear()
         self._finalizer()
 
+    def holds(self, spec: LLMSpec, **kwargs: Any) -> bool:
+        return self.key(spec, kwargs) in self._entries
+
     def cache_info(self) -> CacheInfo:
         return CacheInfo(self.loads, self.hits, self.evictions, len(self._entries), self.max_models)
 

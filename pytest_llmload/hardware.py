@@ -313,3 +313,63 @@ def cell_reasons(spec: LLMSpec, inventory: Inventory) -> list[str]:
     if spec.precision in QUANTIZED_PRECISIONS:
         reasons.extend(bitsandbytes_reasons(inventory))
     return reasons
+
+
+# -- pytest-xdist: GPUs per worker ---------------------------------------------------------------
+
+
+def worker_index(worker_id: str | None) -> int | None:
+    """``"gw3"`` -> 3; None outside an xdist worker."""
+    if not worker_id or not worker_id.startswith("gw") or not worker_id[2:].isdigit():
+        return None
+    return int(worker_id[2:])
+
+
+def worker_gpus(index: int, per_worker: int, visible: list[str]) -> list[str]:
+    """The disjoint slice of ``visible`` GPU ids that worker ``index`` gets with ``per_worker`` each."""
+    if per_worker < 1:
+        raise LLMLoadUsageError(f"invalid --llm-gpus-per-worker value {per_worker!r}: expected a whole number >= 1")
+    return visible[index * per_worker:(index + 1) * per_worker]
+
+
+def outer_visible_gpus() -> list[str]:
+    """The GPU ids this process may hand out: ``CUDA_VISIBLE_DEVICES`` if set, else every GPU's index.
+
+    Counted without creating a CUDA context (NVML, nvidia-smi, or torch in a child process), since
+    the caller is about to set ``CUDA_VISIBLE_DEVICES`` for this process.
+    """
+    visible = visible_device_ids()
+    if visible is not None:
+        return visible
+    gpus = _probe_nvml()
+    if gpus is None:
+        gpus = _probe_nvidia_smi()
+    if gpus is not None and (gpus or not _torch_sees_cuda_hint()):
+        return [str(i) for i in range(len(gpus))]
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                         capture_output=True, text=True, timeout=120)
+    count = int(out.stdout.strip() or 0) if out.returncode == 0 else 0
+    return [str(i) for i in range(count)]
+
+
+def assign_worker_gpus(worker_id: str | None, per_worker: int) -> str | None:
+    """Set ``CUDA_VISIBLE_DEVICES`` of this xdist worker to its own slice; return a note for skip reasons."""
+    index = worker_index(worker_id)
+    if index is None:
+        return None
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise LLMLoadUsageError(
+            "--llm-gpus-per-worker: CUDA was initialised in this worker before the plugin could assign its GPUs "
+            "(something in conftest.py touched a GPU at import time)"
+        )
+    visible = outer_visible_gpus()
+    mine = worker_gpus(index, per_worker, visible)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+    return (f"--llm-gpus-per-worker={per_worker} gives worker {worker_id} "
+            f"{len(mine)} of {len(visible)} visible GPU{'s' if len(visible) != 1 else ''}")

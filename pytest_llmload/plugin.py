@@ -45,6 +45,33 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--llm-cache-size", "llm_cache_size", "how many loaded models the session keeps at once (default 2)",
         metavar="N")
     add("--llm-report", "llm_report", "write the load report as JSON to PATH", metavar="PATH")
+    add("--llm-fit-margin", "llm_fit_margin", "share of free memory the fit check keeps spare before a load "
+        "(default 0.1); 'off' disables the fit check", metavar="FRACTION")
+    add("--llm-cuda-context", "llm_cuda_context", "memory a CUDA context takes per GPU, for the fit check "
+        "(default: measured on the first GPU, 500MiB until then)", metavar="SIZE")
+    add("--llm-gpus-per-worker", "llm_gpus_per_worker", "under pytest-xdist, give each worker its own K GPUs "
+        "(disjoint slices of the visible ones)", metavar="K")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
+    """Give an xdist worker its own GPUs before any conftest (or test) can create a CUDA context."""
+    value = early_config.known_args_namespace.llm_gpus_per_worker or early_config.getini("llm_gpus_per_worker")
+    if not value:
+        return
+    import os
+
+    from .errors import LLMLoadUsageError
+    from .hardware import assign_worker_gpus
+
+    if not str(value).strip().isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"invalid --llm-gpus-per-worker value {value!r}: expected a whole number >= 1")
+    try:
+        note = assign_worker_gpus(os.environ.get("PYTEST_XDIST_WORKER"), int(value))
+    except LLMLoadUsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if note:
+        os.environ["LLMLOAD_WORKER_GPUS_NOTE"] = note
 
 
 def pytest_configure(config: pytest.Config) -> None:

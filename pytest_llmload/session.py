@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from .errors import LLMLoadUsageError
+from .errors import LLMLoadError, LLMLoadUsageError
+from .sizes import parse_size
 from .specs import (
     LLMSpec,
     make_spec,
@@ -40,6 +41,8 @@ class Options:
     allow_pickle: bool
     cache_size: int
     report: str | None
+    fit_margin: float | None = 0.1  # None: fit check off
+    cuda_context: int | None = None  # None: measured
 
 
 def _values(config: pytest.Config, name: str) -> list[str]:
@@ -93,7 +96,23 @@ def parse_options(config: pytest.Config) -> Options:
     size_text = _scalar(config, "llm_cache_size") or "2"
     if not str(size_text).strip().isdigit() or int(size_text) < 1:
         raise LLMLoadUsageError(f"invalid --llm-cache-size value {size_text!r}: expected a whole number >= 1")
+    margin_text = str(_scalar(config, "llm_fit_margin") or "0.1").strip().lower()
+    if margin_text in ("off", "no", "false", "none"):
+        fit_margin = None
+    else:
+        try:
+            fit_margin = float(margin_text)
+            if not 0 <= fit_margin < 1:
+                raise ValueError
+        except ValueError:
+            raise LLMLoadUsageError(
+                f"invalid --llm-fit-margin value {margin_text!r}: expected a fraction in [0, 1) such as 0.1, or 'off'"
+            ) from None
+    context_text = _scalar(config, "llm_cuda_context")
+    cuda_context = parse_size(context_text) if context_text and str(context_text) != "auto" else None
     return Options(
+        fit_margin=fit_margin,
+        cuda_context=cuda_context,
         models=_unique(models),
         device_maps=_unique(device_maps),
         precisions=_unique(precisions),
@@ -123,7 +142,9 @@ class LLMLoadSession:
         self.options = options
         self._cache = None
         self._inventory = None
+        self._needs: dict[tuple, dict] = {}
         self.strict_failures: list[tuple[str, str]] = []
+        self.worker_note = os.environ.get("LLMLOAD_WORKER_GPUS_NOTE")
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "LLMLoadSession":
@@ -189,7 +210,54 @@ class LLMLoadSession:
         problem = quantized_map_problem(spec.precision, spec.device_map)
         if problem and not own_quantization:
             pytest.skip(problem)
-        self.missing_hardware(nodeid, cell_reasons(spec, self.inventory))
+        reasons = cell_reasons(spec, self.inventory)
+        if reasons and self.worker_note and _mentions_gpus(reasons):
+            reasons.append(self.worker_note)
+        self.missing_hardware(nodeid, reasons)
+        self.missing_hardware(nodeid, self.fit_reasons(spec))
+
+    def fit_reasons(self, spec: LLMSpec) -> list[str]:
+        """The fit check: why the cell's weights would not fit the memory free now (empty if they would).
+
+        Models the cache holds are released first if that is what makes room.
+        """
+        if self.options.fit_margin is None or self.cache.holds(spec):
+            return []
+        from .fit import cell_need, fit_problems
+
+        key = (spec.model, spec.device_map_spec.key, spec.precision, spec.max_memory)
+        try:
+            problems = fit_problems(*self._need_and_free(spec, key), margin=self.options.fit_margin,
+                                    context_bytes=self._context_bytes())
+            if problems and self.cache.cache_info().size:
+                self.cache.clear()
+                problems = fit_problems(*self._need_and_free(spec, key, fresh=True),
+                                        margin=self.options.fit_margin, context_bytes=self._context_bytes())
+        except LLMLoadError:
+            return []  # the load itself reports a broken config, with its own message
+        return problems
+
+    def _need_and_free(self, spec: LLMSpec, key: tuple, fresh: bool = False):
+        from .fit import cell_need, free_memory
+
+        free = free_memory(self.inventory, current=True)
+        if fresh or key not in self._needs:
+            self._needs[key] = cell_need(spec, free)
+        return self._needs[key], free
+
+    def _context_bytes(self) -> dict:
+        """CUDA context size for each visible GPU this process has not used yet."""
+        if not self.inventory.gpus:
+            return {}
+        from .fit import DEFAULT_CUDA_CONTEXT, measure_cuda_context, used_gpus
+
+        if self.options.cuda_context is None:
+            try:
+                self.options.cuda_context = measure_cuda_context(0)
+            except Exception:  # noqa: BLE001 - a driver that cannot tell: use the usual size
+                self.options.cuda_context = DEFAULT_CUDA_CONTEXT
+        used = used_gpus()
+        return {g.index: 0 if g.index in used else self.options.cuda_context for g in self.inventory.gpus}
 
     # -- the matrix ------------------------------------------------------------------------
     def default_spec(self) -> LLMSpec:
@@ -267,6 +335,8 @@ class LLMLoadSession:
                 reasons += marker_gpu_reasons(self.inventory, mark.args, mark.kwargs)
         except LLMLoadUsageError as exc:
             raise pytest.fail.Exception(str(exc), pytrace=False) from None
+        if reasons and self.worker_note:
+            reasons.append(self.worker_note)
         if bnb_mark is not None:
             reasons += bitsandbytes_reasons(self.inventory)
         self.missing_hardware(item.nodeid, _unique(reasons))
@@ -287,6 +357,10 @@ class LLMLoadSession:
         terminalreporter.write_line(
             f"llmload: {info.loads} load(s), {info.hits} reuse(s), {info.evictions} eviction(s)"
         )
+
+
+def _mentions_gpus(reasons: list[str]) -> bool:
+    return any("GPU" in r or "cuda" in r for r in reasons)
 
 
 def _item_spec(item: pytest.Item) -> LLMSpec | None:

@@ -1,0 +1,122 @@
+"""The fit check: will a cell's weights fit the memory free here? Computed before loading, from the config.
+
+What a cell needs per device comes from the same sizes transformers plans with (meta model,
+quantized sizes for int8/4-bit); strategies are planned with the free memory of this machine.
+A GPU that this process has not used yet also needs room for its CUDA context.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .sizes import format_size
+from .specs import LLMSpec
+
+DEFAULT_MARGIN = 0.10  # share of free memory kept free for activations and the allocator
+DEFAULT_CUDA_CONTEXT = 500 * 2**20  # a CUDA context takes hundreds of MB; measured when a GPU is present
+
+
+def _device_name(device: int | str) -> str:
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def fit_problems(
+    need: dict[int | str, int],
+    free: dict[int | str, int],
+    *,
+    margin: float = DEFAULT_MARGIN,
+    context_bytes: dict[int | str, int] | None = None,
+) -> list[str]:
+    """Why ``need`` (bytes per device) does not fit ``free`` (bytes per device), keeping ``margin`` spare.
+
+    Pure arithmetic: a device needs its weights plus its CUDA context (``context_bytes``, for GPUs
+    this process has not initialised yet), and may use ``(1 - margin)`` of what is free. ``disk``
+    and ``meta`` are not checked.
+    """
+    problems = []
+    for device, weights in need.items():
+        if device in ("disk", "meta") or weights <= 0:
+            continue
+        total = weights + (context_bytes or {}).get(device, 0)
+        available = free.get(device)
+        if available is None:
+            problems.append(f"needs ~{format_size(total)} on {_device_name(device)}, which is not here")
+            continue
+        usable = int(available * (1 - margin))
+        if total > usable:
+            extra = f" (incl. ~{format_size(total - weights)} CUDA context)" if total != weights else ""
+            problems.append(
+                f"needs ~{format_size(total)}{extra} on {_device_name(device)}, {format_size(available)} free"
+                + (f" ({margin:.0%} kept spare)" if margin else "")
+            )
+    return problems
+
+
+def bytes_per_device(device_map: dict[str, Any], sizes: dict[str, int]) -> dict[int | str, int]:
+    """Sum module sizes per device; a prefix entry counts everything under it."""
+    need: dict[int | str, int] = {}
+    for module, device in device_map.items():
+        key = "cuda" if device == "cuda" else device
+        if isinstance(key, str) and key.startswith("cuda:"):
+            key = int(key.split(":")[1])
+        elif key == "cuda":
+            key = 0
+        need[key] = need.get(key, 0) + sizes.get(module, 0)
+    return need
+
+
+def cell_need(spec: LLMSpec, free: dict[int | str, int]) -> dict[int | str, int]:
+    """Bytes per device the cell's weights take once loaded, planned from the config (no weights)."""
+    from .loading import resolve_device_map
+    from .planning import meta_model, module_sizes, plan_device_map
+
+    kind = spec.device_map_spec.kind
+    if kind == "strategy":
+        gpus = [free[d] for d in sorted(d for d in free if isinstance(d, int))]
+        plan = plan_device_map(
+            spec.model_spec, spec.device_map_spec.value, precision=spec.precision,
+            max_memory=spec.max_memory_dict, gpus=gpus or None, cpu_memory=free.get("cpu"),
+        )
+        return dict(plan.bytes_per_device)
+    network, _ = meta_model(spec.model_spec, spec.precision)
+    sizes = module_sizes(network)
+    return bytes_per_device(resolve_device_map(spec.device_map_spec), sizes)
+
+
+def free_memory(inventory, *, current: bool = False) -> dict[int | str, int]:
+    """Free bytes per device: each visible GPU, and the host's available RAM as ``cpu``.
+
+    With ``current``, GPUs this process already uses are read again from the driver (earlier
+    loads of the session occupy memory that the inventory, probed at start, still counted as free).
+    """
+    import psutil
+
+    free: dict[int | str, int] = {gpu.index: gpu.free_memory for gpu in inventory.gpus}
+    if current:
+        import torch
+
+        for index in used_gpus():
+            if index in free:
+                free[index] = int(torch.cuda.mem_get_info(index)[0])
+    free["cpu"] = int(psutil.virtual_memory().available)
+    return free
+
+
+def used_gpus() -> set[int]:
+    """GPUs on which this process already holds a CUDA context (torch has reserved memory there)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return set()
+    return {i for i in range(torch.cuda.device_count()) if torch.cuda.memory_reserved(i) > 0}
+
+
+def measure_cuda_context(device: int = 0) -> int:
+    """Bytes the driver reports in use on ``device`` beyond what torch reserved: the context's cost."""
+    import torch
+
+    torch.cuda.init()
+    torch.zeros(1, device=device)
+    free, total = torch.cuda.mem_get_info(device)
+    return int(total - free - torch.cuda.memory_reserved(device))

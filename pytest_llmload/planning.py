@@ -1,0 +1,278 @@
+"""Plan the device map ``from_pretrained`` would build, for a fleet of GPUs you may not have.
+
+The plan runs transformers' own planning code on a model built on the meta device (no weights):
+the quantizer's module replacement and size adjustments for int8/4-bit, ``get_balanced_memory``
+(with ``low_zero`` for balanced_low_0, and the 10% reserve a lone GPU keeps when no budget is
+given) and ``infer_auto_device_map``. Only the hardware is simulated: the free memory per GPU that
+transformers would read from the driver comes from ``gpus=`` instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .errors import LLMLoadError, LLMLoadUsageError
+from .sizes import format_size, parse_size
+from .specs import QUANTIZED_PRECISIONS, STRATEGIES, parse_max_memory, parse_precision
+
+_FLEET_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(.+)$")
+
+
+class PlannerUnavailableError(LLMLoadError, RuntimeError):
+    """The installed transformers moved the private planning functions the planner calls."""
+
+
+def parse_fleet(gpus: Any) -> list[int]:
+    """GPU sizes from ``"4x24GiB"``, ``"24GiB,24GiB,80GiB"``, a list of sizes, or an int count of 80 GiB cards."""
+    if gpus is None:
+        return []
+    if isinstance(gpus, (list, tuple)):
+        return [parse_size(g) for g in gpus]
+    if isinstance(gpus, int) and not isinstance(gpus, bool):
+        raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: give sizes, e.g. '{gpus}x24GiB'")
+    if not isinstance(gpus, str) or not gpus.strip():
+        raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: expected e.g. '4x24GiB' or '24GiB,48GiB'")
+    sizes = []
+    for part in gpus.split(","):
+        match = _FLEET_RE.match(part)
+        try:
+            if match:
+                count = int(match.group(1))
+                if count < 1:
+                    raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: a count must be >= 1")
+                sizes += [parse_size(match.group(2).strip())] * count
+            else:
+                sizes.append(parse_size(part.strip()))
+        except LLMLoadUsageError as exc:
+            if "GPU fleet" in str(exc):
+                raise
+            raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: expected e.g. '4x24GiB' or '24GiB,48GiB'") from None
+    return sizes
+
+
+@dataclass
+class DevicePlan:
+    """A planned device map and what it puts where."""
+
+    device_map: dict[str, int | str]
+    bytes_per_device: dict[int | str, int]
+    strategy: str
+    precision: str
+    budgets: dict[int | str, int]
+    model_bytes: int
+    modules_per_device: dict[int | str, list[str]] = field(default_factory=dict)
+
+    @property
+    def offloaded(self) -> dict[str, str]:
+        """Modules that did not fit on the GPUs: ``{module: "cpu" | "disk"}``."""
+        return {m: d for m, d in self.device_map.items() if d in ("cpu", "disk")}
+
+    @property
+    def devices(self) -> list[int | str]:
+        return list(self.bytes_per_device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "precision": self.precision,
+            "model_bytes": self.model_bytes,
+            "device_map": self.device_map,
+            "bytes_per_device": {str(k): v for k, v in self.bytes_per_device.items()},
+            "budgets": {str(k): v for k, v in self.budgets.items()},
+            "offloaded": self.offloaded,
+        }
+
+    def table(self) -> str:
+        """A per-device table for a terminal: bytes, share of the model, budget, modules."""
+        rows = [("device", "bytes", "share", "budget", "modules")]
+        for device, size in self.bytes_per_device.items():
+            share = size / self.model_bytes if self.model_bytes else 0.0
+            budget = self.budgets.get(device)
+            modules = self.modules_per_device.get(device, [])
+            rows.append((
+                _device_name(device), format_size(size), f"{share:.0%}",
+                format_size(budget) if budget is not None else "-", _summarize_modules(modules),
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [
+            f"plan: {self.strategy}, {self.precision}, model {format_size(self.model_bytes)}",
+        ]
+        for row in rows:
+            lines.append("  ".join(cell.ljust(widths[i]) if i < 4 else cell for i, cell in enumerate(row)).rstrip())
+        return "\n".join(lines)
+
+
+def _device_name(device: int | str) -> str:
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def _summarize_modules(modules: list[str]) -> str:
+    """``model.layers.0 .. model.layers.15`` ranges instead of sixteen names."""
+    out: list[str] = []
+    run: list[tuple[str, int]] = []
+
+    def flush() -> None:
+        if len(run) > 2:
+            out.append(f"{run[0][0]}.{run[0][1]}-{run[-1][1]}")
+        else:
+            out.extend(f"{p}.{i}" for p, i in run)
+        run.clear()
+
+    for name in modules:
+        prefix, _, last = name.rpartition(".")
+        if last.isdigit() and run and run[-1][0] == prefix and run[-1][1] + 1 == int(last):
+            run.append((prefix, int(last)))
+            continue
+        flush()
+        if last.isdigit():
+            run.append((prefix, int(last)))
+        else:
+            out.append(name or "(whole model)")
+    flush()
+    return ", ".join(out)
+
+
+def _planning_functions():
+    try:
+        from transformers.integrations.accelerate import _get_device_map, compute_module_sizes
+        from transformers.modeling_utils import _get_dtype
+        from transformers.quantizers.auto import get_hf_quantizer
+    except ImportError as exc:
+        import transformers
+
+        raise PlannerUnavailableError(
+            f"the planner calls transformers' own planning functions, and transformers {transformers.__version__} "
+            f"moved one ({exc}); pytest-llmload's planner supports transformers 5.x"
+        ) from None
+    return _get_device_map, compute_module_sizes, _get_dtype, get_hf_quantizer
+
+
+def meta_model(model: Any, precision: str | None = "auto", *, device_map: Any = "auto",
+               trust_remote_code: bool = False, model_class: Any = None):
+    """``(model, hf_quantizer)``: the model ``from_pretrained`` would build, on the meta device, no weights.
+
+    For int8/4-bit the quantizer has replaced the linear layers, as it does before loading.
+    """
+    import torch
+    from transformers.utils import ContextManagers
+
+    from .loading import load_config, model_class_for, quantization_config_for
+
+    _, _, _get_dtype, get_hf_quantizer = _planning_functions()
+    precision = parse_precision(precision or "auto")
+    config = copy.deepcopy(load_config(model, trust_remote_code=trust_remote_code))
+    cls = model_class_for(config, model_class)
+    hf_quantizer, config, _ = get_hf_quantizer(
+        config, quantization_config_for(precision), device_map, True, {}
+    )
+    if precision in ("fp32", "fp16", "bf16"):
+        dtype: Any = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    elif precision == "auto" and getattr(config, "dtype", None) is not None:
+        dtype = "auto"
+    else:
+        dtype = None
+    config, dtype = _get_dtype(dtype, None, config, None, None, True, hf_quantizer)
+    contexts = cls.get_init_context(dtype, hf_quantizer is not None, False, None)
+    with ContextManagers(contexts):
+        network = cls(copy.deepcopy(config))
+        if hf_quantizer is not None:
+            hf_quantizer.preprocess_model(model=network, dtype=dtype, device_map=device_map,
+                                          checkpoint_files=None, use_kernels=False)
+    return network, hf_quantizer
+
+
+@contextmanager
+def simulated_hardware(free_memory: dict[int | str, int] | None) -> Iterator[None]:
+    """Make transformers read ``free_memory`` where it would ask the driver and psutil (``max_memory=None``)."""
+    if free_memory is None:
+        yield
+        return
+    import transformers.integrations.accelerate as hf_accelerate
+
+    real = hf_accelerate.accelerate_max_memory
+
+    def fake(max_memory=None):
+        return real(dict(free_memory) if max_memory is None else max_memory)
+
+    hf_accelerate.accelerate_max_memory = fake
+    try:
+        yield
+    finally:
+        hf_accelerate.accelerate_max_memory = real
+
+
+def plan_device_map(
+    model: Any,
+    strategy: str = "auto",
+    *,
+    max_memory: Any = None,
+    gpus: Any = None,
+    precision: str | None = None,
+    cpu_memory: Any = None,
+    trust_remote_code: bool = False,
+) -> DevicePlan:
+    """The map ``from_pretrained(model, device_map=strategy, ...)`` would build, computed from the config.
+
+    ``gpus`` simulates a fleet (``"4x24GiB"``: the free memory transformers would find on each GPU),
+    ``cpu_memory`` the host RAM it would find (default: this machine's available RAM). ``max_memory``
+    is the budget you would pass to ``from_pretrained``; with it, ``gpus`` only says which GPUs exist.
+    """
+    if strategy not in STRATEGIES:
+        raise LLMLoadUsageError(f"invalid strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    _get_device_map, compute_module_sizes, _, _ = _planning_functions()
+    precision = parse_precision(precision or "auto")
+    fleet = parse_fleet(gpus)
+    budget = parse_max_memory(max_memory)
+    hardware = None
+    if fleet or cpu_memory is not None:
+        hardware = {i: size for i, size in enumerate(fleet)}
+        hardware["cpu"] = parse_size(cpu_memory) if cpu_memory is not None else _available_ram()
+    network, hf_quantizer = meta_model(model, precision, device_map=strategy, trust_remote_code=trust_remote_code)
+    with simulated_hardware(hardware):
+        device_map = _get_device_map(network, strategy, copy.deepcopy(budget), hf_quantizer)
+    sizes, _ = compute_module_sizes(network, hf_quantizer)
+    per_device: dict[int | str, int] = {}
+    modules: dict[int | str, list[str]] = {}
+    for name, device in device_map.items():
+        per_device[device] = per_device.get(device, 0) + sizes.get(name, 0)
+        modules.setdefault(device, []).append(name)
+    budgets = budget if budget is not None else (hardware or {})
+    return DevicePlan(
+        device_map=dict(device_map),
+        bytes_per_device=dict(sorted(per_device.items(), key=lambda kv: _device_order(kv[0]))),
+        strategy=strategy,
+        precision=precision,
+        budgets=dict(budgets),
+        model_bytes=sizes.get("", 0),
+        modules_per_device=modules,
+    )
+
+
+def _device_order(device: int | str) -> tuple[int, int]:
+    return (0, device) if isinstance(device, int) else (1, ["mps", "cpu", "disk"].index(device) if device in (
+        "mps", "cpu", "disk") else 9)
+
+
+def _available_ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def module_sizes(model: Any, precision: str | None = "auto") -> dict[str, int]:
+    """Bytes per module name (``""`` is the whole model) as transformers counts them for planning."""
+    _, compute_module_sizes, _, _ = _planning_functions()
+    if hasattr(model, "named_parameters"):
+        network, quantizer = model, getattr(model, "hf_quantizer", None)
+    else:
+        network, quantizer = meta_model(model, precision)
+    sizes, _ = compute_module_sizes(network, quantizer)
+    return dict(sizes)
+
+
+__all__ = ["DevicePlan", "PlannerUnavailableError", "meta_model", "module_sizes", "parse_fleet",
+           "plan_device_map", "QUANTIZED_PRECISIONS"]
