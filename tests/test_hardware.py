@@ -1,0 +1,314 @@
+"""Hardware gating: reasons from inventories, markers end to end, strict mode, fit check, xdist slicing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pytest_llmload.errors import LLMLoadUsageError
+from pytest_llmload.fit import bytes_per_device, fit_problems
+from pytest_llmload.hardware import (
+    GPU,
+    Inventory,
+    bitsandbytes_reasons,
+    cell_reasons,
+    gpu_reasons,
+    marker_gpu_reasons,
+    worker_gpus,
+    worker_index,
+)
+from pytest_llmload.specs import make_spec
+
+GiB = 2**30
+BNB_OK = dict(bitsandbytes_version="0.50.2", bitsandbytes_backend="cuda")
+
+
+def inventory(*sizes_gib, capability=(9, 0), **bnb):
+    gpus = tuple(GPU(i, "NVIDIA H100 80GB" if s == 80 else f"GPU{s}", s * GiB, s * GiB, capability)
+                 for i, s in enumerate(sizes_gib))
+    return Inventory(gpus, **(bnb or BNB_OK))
+
+
+NONE = inventory()
+ONE_24 = inventory(24)
+TWO_80 = inventory(80, 80)
+MIXED = inventory(80, 24, 24)
+NO_BNB = inventory(80, bitsandbytes_version=None, bitsandbytes_backend=None, bitsandbytes_error="not installed")
+BROKEN_BNB = inventory(bitsandbytes_version="0.50.2", bitsandbytes_backend=None,
+                       bitsandbytes_error="RuntimeError: no kernel")
+
+
+@pytest.mark.parametrize(
+    "inv, n, memory, expected",
+    [
+        (TWO_80, 2, "40 GiB", []),
+        (ONE_24, 2, "40 GiB", ["needs 2 GPUs with >= 40.0 GiB each; found 1 (24.0 GiB)"]),
+        (NONE, 1, None, ["needs 1 GPU; found none"]),
+        (MIXED, 2, "40GiB", ["needs 2 GPUs with >= 40.0 GiB each; found 3 (80.0 GiB, 24.0 GiB, 24.0 GiB)"]),
+        (MIXED, 3, "20GiB", []),
+        (MIXED, 1, 80 * GiB, []),
+    ],
+)
+def test_gpu_reasons(inv, n, memory, expected):
+    assert gpu_reasons(inv, n, memory) == expected
+
+
+def test_bitsandbytes_reasons():
+    assert bitsandbytes_reasons(TWO_80) == []
+    assert bitsandbytes_reasons(NO_BNB) == ["needs bitsandbytes; it is not installed"]
+    assert bitsandbytes_reasons(BROKEN_BNB) == [
+        "needs a working bitsandbytes backend; bitsandbytes 0.50.2 failed here: RuntimeError: no kernel"]
+
+
+@pytest.mark.parametrize(
+    "device_map, precision, inv, expected",
+    [
+        ("auto", "fp16", NONE, []),  # strategies are legitimate CPU loads
+        ("balanced_low_0", "fp32", NONE, []),
+        ("process", "fp32", NONE, []),
+        ("cuda:1", "fp16", ONE_24, ["device map cuda1 needs cuda:1; found 1 (24.0 GiB)"]),
+        ("0", "fp16", NONE, ["device map cuda0 needs cuda:0; found none"]),
+        ({"model.embed_tokens": 0, "model.layers": 2, "model.norm": "cpu", "model.rotary_emb": "cpu",
+          "lm_head": "cpu"}, "fp32", TWO_80, ["device map map-0+2+cpu-*needs cuda:0, cuda:2; found 2*"]),
+        ("0", "bf16", inventory(16, capability=(7, 0)), ["bf16 needs compute capability >= 8.0; GPU16 has 7.0"]),
+        ("auto", "bf16", NONE, []),
+        ("0", "int8", NO_BNB, ["needs bitsandbytes; it is not installed"]),
+        ("cpu", "nf4", BROKEN_BNB, ["needs a working bitsandbytes backend*"]),
+        ("cpu", "int8", TWO_80, []),
+    ],
+)
+def test_cell_reasons(device_map, precision, inv, expected):
+    import fnmatch
+
+    reasons = cell_reasons(make_spec("builtin:tiny-llama", device_map, precision), inv)
+    assert len(reasons) == len(expected), reasons
+    assert all(fnmatch.fnmatch(r, e) for r, e in zip(reasons, expected)), reasons
+
+
+def test_marker_arguments_are_checked():
+    assert marker_gpu_reasons(TWO_80, (2,), {"memory": "40GiB"}) == []
+    assert marker_gpu_reasons(ONE_24, (), {"n": 2}) == ["needs 2 GPUs; found 1 (24.0 GiB)"]
+    with pytest.raises(LLMLoadUsageError, match=r"requires_gpus\(0\): n must be a whole number >= 1"):
+        marker_gpu_reasons(TWO_80, (0,), {})
+    with pytest.raises(LLMLoadUsageError, match=r"expected requires_gpus\(n=1, \*, memory=None\)"):
+        marker_gpu_reasons(TWO_80, (1,), {"mem": "1GiB"})
+    with pytest.raises(LLMLoadUsageError, match="invalid size 'lots'"):
+        marker_gpu_reasons(TWO_80, (1,), {"memory": "lots"})
+
+
+def test_header_line_describes_the_inventory():
+    assert TWO_80.describe() == "llmload: 2 GPUs (NVIDIA H100 80GB x2); bitsandbytes 0.50.2 (cuda)"
+    cpu = Inventory((), "0.50.2", "cpu")
+    assert cpu.describe() == "llmload: no GPU; bitsandbytes 0.50.2 (cpu)"
+
+
+# -- markers and strict mode, end to end ------------------------------------------------------------
+
+MARKED = """
+    import pytest
+
+    @pytest.mark.requires_gpus(2, memory="40 GiB")
+    def test_two_big_gpus():
+        pass
+
+    @pytest.mark.requires_gpus
+    def test_one_gpu():
+        pass
+
+    @pytest.mark.requires_bitsandbytes
+    def test_bnb():
+        pass
+
+    def test_plain():
+        pass
+"""
+
+
+def test_markers_skip_here_with_what_was_needed(pytester):
+    pytester.makepyfile(MARKED)
+    result = pytester.runpytest("-rs", "--strict-markers")
+    result.assert_outcomes(passed=2, skipped=2)  # bitsandbytes works on this CPU
+    result.stdout.fnmatch_lines([
+        "*needs 2 GPUs with >= 40.0 GiB each; found none*",
+        "*needs 1 GPU; found none*",
+    ])
+
+
+def test_strict_mode_turns_hardware_skips_into_failures(pytester):
+    pytester.makepyfile(MARKED)
+    pytester.makepyfile(test_cells="""
+        import pytest
+
+        @pytest.mark.llm(device_maps=["cuda:1", "cpu"], precisions="fp32")
+        def test_cell(llm_model):
+            pass
+    """)
+    result = pytester.runpytest("--llm-require-gpus")
+    result.assert_outcomes(passed=3, errors=3)  # failures at setup, so pytest counts them as errors
+    result.stdout.fnmatch_lines([
+        "*llmload: missing hardware (--llm-require-gpus)*",
+        "FAILED *test_cell[[]tiny-llama-cuda1-fp32[]]: device map cuda1 needs cuda:1; found none",
+        "FAILED *test_two_big_gpus: needs 2 GPUs with >= 40.0 GiB each; found none",
+        "FAILED *test_one_gpu: needs 1 GPU; found none",
+    ])
+
+
+def test_strict_mode_from_ini(pytester):
+    pytester.makeini("[pytest]\nllm_require_gpus = true\n")
+    pytester.makepyfile(MARKED)
+    pytester.runpytest().assert_outcomes(passed=2, errors=2)
+
+
+def test_strict_mode_keeps_a_following_path_argument(pytester):
+    pytester.makepyfile(MARKED)
+    result = pytester.runpytest("--llm-require-gpus", "test_strict_mode_keeps_a_following_path_argument.py")
+    result.assert_outcomes(passed=2, errors=2)
+
+
+def test_require_gpus_count_fails_at_start_up(pytester):
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest("--llm-require-gpus=4")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --llm-require-gpus=4: this GPU CI job needs 4 visible GPUs; found 0"])
+
+
+def test_bad_marker_arguments_fail_the_test_with_one_line(pytester):
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.requires_gpus(memory="a lot")
+        def test_x():
+            pass
+    """)
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*invalid size 'a lot'*"])
+
+
+def test_header_line_on_this_machine(pytester):
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest()
+    result.stdout.fnmatch_lines(["llmload: no GPU; bitsandbytes * (backend tried on first use)"])
+
+
+def test_gpu_inventory_fixture(pytester):
+    pytester.makepyfile("""
+        def test_inventory(gpu_inventory):
+            assert gpu_inventory.count == len(gpu_inventory.gpus) == 0
+            assert gpu_inventory.bitsandbytes_backend == "cpu"
+    """)
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+# -- fit check -------------------------------------------------------------------------------------
+
+
+def test_fit_problems_arithmetic():
+    need = {0: 14 * GiB, 1: 2 * GiB, "cpu": GiB, "disk": 100 * GiB}
+    free = {0: 10 * GiB, 1: 40 * GiB, "cpu": 64 * GiB}
+    assert fit_problems(need, free, margin=0.0) == ["needs ~14.0 GiB on cuda:0, 10.0 GiB free"]
+    assert fit_problems({0: 9 * GiB}, {0: 10 * GiB}, margin=0.0) == []
+    assert fit_problems({0: 9 * GiB}, {0: 10 * GiB}, margin=0.2) == [
+        "needs ~9.0 GiB on cuda:0, 10.0 GiB free (20% kept spare)"]
+    assert fit_problems({0: 9 * GiB}, {0: 10 * GiB}, margin=0.0, context_bytes={0: GiB + 1}) == [
+        "needs ~10.0 GiB (incl. ~1.0 GiB CUDA context) on cuda:0, 10.0 GiB free"]
+    assert fit_problems({2: GiB}, {0: 10 * GiB}, margin=0.0) == ["needs ~1.0 GiB on cuda:2, which is not here"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "nf4"])
+def test_fit_need_matches_the_sizes_accelerate_computes(precision):
+    """What the fit check counts per device equals accelerate's own size of the same meta model."""
+    from accelerate.utils import compute_module_sizes
+
+    from pytest_llmload.fit import cell_need
+    from pytest_llmload.planning import meta_model
+
+    mapping = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 1,
+               "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    need = cell_need(make_spec("builtin:tiny-llama", mapping, precision), {})
+    network, _ = meta_model("builtin:tiny-llama", precision)
+    sizes = compute_module_sizes(network)
+    assert need == {
+        0: sizes["model.embed_tokens"] + sizes["model.layers.0"],
+        1: sizes["model.layers.1"] + sizes["model.layers.2"],
+        "cpu": sizes["model.layers.3"] + sizes["model.norm"] + sizes["model.rotary_emb"] + sizes["lm_head"],
+    }
+    assert sum(need.values()) == sizes[""]
+    if precision == "fp32":
+        buffers = sum(b.numel() * b.element_size() for b in network.buffers())
+        assert sizes[""] == sum(p.numel() * 4 for p in network.parameters()) + buffers
+
+
+def test_bytes_per_device_normalises_device_names():
+    sizes = {"a": 10, "b": 20, "c": 5}
+    assert bytes_per_device({"a": "cuda:1", "b": 1, "c": "cuda"}, sizes) == {1: 30, 0: 5}
+
+
+def test_fit_check_skips_a_cell_that_cannot_fit(pytester):
+    pytester.makepyfile("def test_x(llm_model): pass")
+    # tiny-llama needs ~1 MiB; leave no room by keeping 99.99999% of free RAM spare
+    result = pytester.runpytest("-rs", "--llm-device-map=cpu", "--llm-fit-margin=0.9999999")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*needs ~* on cpu, * free (100% kept spare)*"])
+    pytester.runpytest("--llm-device-map=cpu", "--llm-fit-margin=off").assert_outcomes(passed=1)
+
+
+# -- pytest-xdist ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "worker, per_worker, visible, expected",
+    [
+        ("gw0", 1, ["0", "1", "2", "3"], ["0"]),
+        ("gw3", 1, ["0", "1", "2", "3"], ["3"]),
+        ("gw1", 2, ["0", "1", "2", "3"], ["2", "3"]),
+        ("gw2", 2, ["0", "1", "2", "3"], []),  # more workers than GPUs: none left, never GPU 0 again
+        ("gw1", 2, ["4", "5", "6", "7"], ["6", "7"]),  # an outer CUDA_VISIBLE_DEVICES is respected
+        ("gw0", 3, ["GPU-aaa", "GPU-bbb"], ["GPU-aaa", "GPU-bbb"]),
+    ],
+)
+def test_worker_gpu_slices(worker, per_worker, visible, expected):
+    assert worker_gpus(worker_index(worker), per_worker, visible) == expected
+
+
+def test_worker_slices_are_disjoint_and_cover():
+    visible = [str(i) for i in range(8)]
+    for per_worker in (1, 2, 3, 4):
+        slices = [worker_gpus(i, per_worker, visible) for i in range(8)]
+        flat = [g for s in slices for g in s]
+        assert sorted(flat, key=int) == visible and len(flat) == len(set(flat))
+
+
+def test_worker_index():
+    assert worker_index("gw12") == 12
+    assert worker_index(None) is None and worker_index("master") is None
+
+
+def test_assign_worker_gpus_sets_cuda_visible_devices(monkeypatch):
+    from pytest_llmload.hardware import assign_worker_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    note = assign_worker_gpus("gw1", 2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
+    assert note == "--llm-gpus-per-worker=2 gives worker gw1 2 of 4 visible GPUs"
+    assert assign_worker_gpus(None, 2) is None
+
+
+def test_xdist_run_of_a_small_matrix(pytester):
+    pytester.makepyfile("""
+        import os, pytest
+
+        def test_cell(llm_model, llm_spec):
+            assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # no GPUs here: every worker gets none
+
+        @pytest.mark.requires_gpus
+        def test_gpu():
+            pass
+    """)
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "-rs", "--llm-gpus-per-worker=1", "--llm-precision=fp32", "--llm-precision=fp16",
+        "--llm-device-map=auto", "--llm-device-map=cpu",
+    )
+    result.assert_outcomes(passed=4, skipped=1)
+    result.stdout.fnmatch_lines(["*needs 1 GPU; found none; --llm-gpus-per-worker=1 gives worker gw* 0 of 0 visible GPUs*"])
