@@ -200,7 +200,7 @@ class LLMLoadSession:
         if self.options.require_gpus:
             self.strict_failures.append((nodeid or "(llm_load)", message))
             pytest.fail(f"{message} (--llm-require-gpus: missing hardware fails instead of skipping)", pytrace=False)
-        pytest.skip(message)
+        raise pytest.skip.Exception(message, _use_item_location=True)
 
     def check_cell(self, spec: LLMSpec, nodeid: str | None = None, *, own_quantization: bool = False) -> None:
         """Skip (or fail in strict mode) a cell that cannot run here, before anything loads."""
@@ -209,7 +209,7 @@ class LLMLoadSession:
 
         problem = quantized_map_problem(spec.precision, spec.device_map)
         if problem and not own_quantization:
-            pytest.skip(problem)
+            raise pytest.skip.Exception(problem, _use_item_location=True)
         reasons = cell_reasons(spec, self.inventory)
         if reasons and self.worker_note and _mentions_gpus(reasons):
             reasons.append(self.worker_note)
