@@ -341,6 +341,32 @@ class LLMLoadSession:
             reasons += bitsandbytes_reasons(self.inventory)
         self.missing_hardware(item.nodeid, _unique(reasons))
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item):
+        """``@pytest.mark.max_footprint(limit)``: after the test body, check the model it used."""
+        result = yield
+        mark = item.get_closest_marker("max_footprint")
+        if mark is None:
+            return result
+        from .assertions import assert_memory_footprint
+
+        if len(mark.args) != 1 or mark.kwargs:
+            raise pytest.fail.Exception("max_footprint takes one limit: @pytest.mark.max_footprint('2 GiB')",
+                                        pytrace=False)
+        funcargs = getattr(item, "funcargs", {})
+        models = [funcargs[name] for name in ("llm_model", "llm_private_model") if name in funcargs]
+        if not models:
+            raise pytest.fail.Exception("max_footprint needs the test to use llm_model or llm_private_model",
+                                        pytrace=False)
+        try:
+            for model in models:
+                assert_memory_footprint(model, max=mark.args[0])
+        except LLMLoadUsageError as exc:
+            raise pytest.fail.Exception(f"max_footprint: {exc}", pytrace=False) from None
+        except AssertionError as exc:
+            raise pytest.fail.Exception(f"max_footprint: {exc}", pytrace=False) from None
+        return result
+
     def pytest_report_header(self, config: pytest.Config) -> str:
         from .hardware import header_line
 

@@ -1,0 +1,50 @@
+"""Device names compared by meaning: ``0``, ``"cuda:0"`` and ``torch.device("cuda", 0)`` are one device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def normalize_device(device: Any) -> str:
+    """A canonical name: ``"cuda:0"``, ``"cpu"``, ``"disk"``, ``"meta"``, ``"mps"``, ``"xpu:1"``..."""
+    if hasattr(device, "type") and hasattr(device, "index"):  # torch.device, without importing torch
+        return f"{device.type}:{device.index if device.index is not None else 0}" if device.type in (
+            "cuda", "xpu", "npu", "hpu", "mlu") else device.type
+    if isinstance(device, bool):
+        raise ValueError(f"invalid device {device!r}")
+    if isinstance(device, int):
+        return f"cuda:{device}"
+    if isinstance(device, str):
+        text = device.strip().lower()
+        if text.isdigit():
+            return f"cuda:{int(text)}"
+        if text in ("cuda", "xpu", "npu", "hpu", "mlu"):
+            return f"{text}:0"
+        return text
+    raise ValueError(f"invalid device {device!r}: expected an index, a name such as 'cuda:0' or 'cpu', or a torch.device")
+
+
+def resolve(device_map: dict[str, Any], name: str) -> tuple[str | None, Any]:
+    """The entry of ``device_map`` that places ``name`` (the longest prefix on a dot boundary), and its device."""
+    if name in device_map:
+        return name, device_map[name]
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in device_map:
+            return prefix, device_map[prefix]
+    if "" in device_map:
+        return "", device_map[""]
+    return None, None
+
+
+def execution_order_hops(devices_in_order: list[Any]) -> int:
+    """How many times a forward pass moves from one device to the next (disk counts as cpu)."""
+    hops, previous = 0, None
+    for device in devices_in_order:
+        name = normalize_device(device)
+        name = "cpu" if name == "disk" else name
+        if previous is not None and name != previous:
+            hops += 1
+        previous = name
+    return hops
