@@ -111,7 +111,7 @@ def _config_error(spec: ModelSpec, exc: BaseException, trust_remote_code: bool) 
 
 def model_class_for(config, override: Any = None):
     """The class to load with: ``override`` (a class or a transformers name), else the checkpoint's own
-    architecture (``config.architectures[0]``), else ``AutoModel``."""
+    architecture (``config.architectures[0]``), else the causal-LM or base class of the config's type."""
     import transformers
 
     if override is not None:
@@ -128,6 +128,12 @@ def model_class_for(config, override: Any = None):
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
+    # A config without architectures (built in code): the causal-LM class of its type, else the base model.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING):
+        if type(config) in mapping:
+            return mapping[type(config)]
     return transformers.AutoModel
 
 

@@ -22,6 +22,10 @@ from .specs import QUANTIZED_PRECISIONS, STRATEGIES, parse_max_memory, parse_pre
 _FLEET_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(.+)$")
 
 
+class PlanRefusedError(LLMLoadError, ValueError):
+    """transformers itself refuses the planned load (e.g. int8 spilling to cpu/disk without fp32 offload)."""
+
+
 class PlannerUnavailableError(LLMLoadError, RuntimeError):
     """The installed transformers moved the private planning functions the planner calls."""
 
@@ -185,24 +189,35 @@ def meta_model(model: Any, precision: str | None = "auto", *, device_map: Any = 
     return network, hf_quantizer
 
 
+class _PlannedGpuFilter:
+    """Drops accelerate's "Device N is not available" warning: planned GPUs are absent by design."""
+
+    def filter(self, record) -> bool:
+        return "is not available, available devices are" not in record.getMessage()
+
+
 @contextmanager
 def simulated_hardware(free_memory: dict[int | str, int] | None) -> Iterator[None]:
     """Make transformers read ``free_memory`` where it would ask the driver and psutil (``max_memory=None``)."""
-    if free_memory is None:
-        yield
-        return
+    import logging
+
     import transformers.integrations.accelerate as hf_accelerate
 
+    quiet = _PlannedGpuFilter()
+    logger = logging.getLogger("accelerate.utils.modeling")
+    logger.addFilter(quiet)
     real = hf_accelerate.accelerate_max_memory
 
     def fake(max_memory=None):
         return real(dict(free_memory) if max_memory is None else max_memory)
 
-    hf_accelerate.accelerate_max_memory = fake
+    if free_memory is not None:
+        hf_accelerate.accelerate_max_memory = fake
     try:
         yield
     finally:
         hf_accelerate.accelerate_max_memory = real
+        logger.removeFilter(quiet)
 
 
 def plan_device_map(
@@ -233,7 +248,11 @@ def plan_device_map(
         hardware["cpu"] = parse_size(cpu_memory) if cpu_memory is not None else _available_ram()
     network, hf_quantizer = meta_model(model, precision, device_map=strategy, trust_remote_code=trust_remote_code)
     with simulated_hardware(hardware):
-        device_map = _get_device_map(network, strategy, copy.deepcopy(budget), hf_quantizer)
+        try:
+            device_map = _get_device_map(network, strategy, copy.deepcopy(budget), hf_quantizer)
+        except ValueError as exc:  # what from_pretrained itself would raise on that fleet
+            first = str(exc).strip().splitlines()[0]
+            raise PlanRefusedError(f"from_pretrained would refuse this plan ({strategy}, {precision}): {first}") from None
     sizes, _ = compute_module_sizes(network, hf_quantizer)
     per_device: dict[int | str, int] = {}
     modules: dict[int | str, list[str]] = {}
