@@ -29,7 +29,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--llm-model", "llm_models", "model: hub id, local directory or builtin:NAME (repeatable; "
         "default builtin:tiny-llama)", ini_type="linelist", action="append", metavar="ID")
     add("--llm-device-map", "llm_device_maps", "device map: auto, balanced, balanced_low_0, sequential, cpu, "
-        "cuda, cuda:N, N, process, a JSON object or @file.json (repeatable; default auto)",
+        "cuda, cuda:N, N, disk, process, a JSON object or @file.json (repeatable; default auto)",
         ini_type="linelist", action="append", metavar="MAP")
     add("--llm-precision", "llm_precisions", "precision: auto, fp32, fp16, bf16, int8, nf4, fp4 "
         "(repeatable; default auto = the checkpoint's dtype)", ini_type="linelist", action="append", metavar="P")

@@ -21,7 +21,7 @@ QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
 _PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "4bit": "nf4", "8bit": "int8"}
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 DEVICE_MAP_ACCEPTED = (
-    "auto, balanced, balanced_low_0, sequential, cpu, cuda, cuda:N, N, process, "
+    "auto, balanced, balanced_low_0, sequential, cpu, cuda, cuda:N, N, disk, process, "
     "a JSON object such as '{\"\": 0}' or @file.json"
 )
 # Devices a custom map may name: cpu, disk, meta, an accelerator index or "<type>[:N]".
@@ -153,17 +153,12 @@ def parse_device_map(value: Any) -> DeviceMapSpec:
                 f"invalid device map {text!r}: not valid JSON ({exc.msg} at column {exc.colno})"
             ) from None
         return parse_device_map(mapping)
-    if _DEVICE_RE.match(text) and text not in ("disk", "meta"):
+    if _DEVICE_RE.match(text):
         return _single_device(text, text)
     raise LLMLoadUsageError(f"invalid device map {text!r}: expected {DEVICE_MAP_ACCEPTED}")
 
 
 def _single_device(device: int | str, text: str) -> DeviceMapSpec:
-    if device in ("disk", "meta"):
-        raise LLMLoadUsageError(
-            f"invalid device map {text!r}: a whole model cannot be placed on {device!r}; "
-            "name cpu or a GPU for some modules"
-        )
     label = device if isinstance(device, str) else f"cuda{device}"
     return DeviceMapSpec("device", device, label.replace(":", ""))
 

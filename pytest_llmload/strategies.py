@@ -67,7 +67,8 @@ def _build_tree(model: Any) -> _Tree:
     no_split_classes = set(getattr(network, "_no_split_modules", None) or [])
     modules = dict(network.named_modules())
     tensors_under: dict[str, set] = {name: set() for name in modules}
-    for name, _ in list(network.named_parameters()) + list(network.named_buffers()):
+    named = list(network.named_parameters(remove_duplicate=False)) + list(network.named_buffers(remove_duplicate=False))
+    for name, _ in named:
         parts = name.split(".")
         for cut in range(len(parts)):
             prefix = ".".join(parts[:cut])
@@ -75,8 +76,8 @@ def _build_tree(model: Any) -> _Tree:
                 tensors_under[prefix].add(name)
     nodes: dict[str, _Node] = {}
     for name, module in modules.items():
-        own = any(True for _ in module.named_parameters(recurse=False)) or any(
-            True for _ in module.named_buffers(recurse=False))
+        own = any(True for _ in module.named_parameters(recurse=False, remove_duplicate=False)) or any(
+            True for _ in module.named_buffers(recurse=False, remove_duplicate=False))
         is_block = type(module).__name__ in no_split_classes
         nodes[name] = _Node(name, atomic=own or is_block, tensors=frozenset(tensors_under[name]), no_split=is_block)
     for name, node in nodes.items():
@@ -96,10 +97,13 @@ def _check_devices(devices: Sequence[Any], *, name: str = "devices") -> list:
     if isinstance(devices, (str, int)) or not devices:
         raise InvalidArgument(f"{name}={devices!r}: expected a non-empty sequence such as (0, 1, 'cpu')")
     checked = []
+    from .errors import LLMLoadUsageError
+    from .specs import check_device
+
     for device in devices:
         try:
-            normalize_device(device)
-        except ValueError:
+            check_device(device)
+        except LLMLoadUsageError:
             raise InvalidArgument(f"{name}: {device!r} is not a device (an index, 'cpu', 'disk', 'meta', 'cuda:N')")
         if device not in checked:
             checked.append(device)

@@ -63,7 +63,9 @@ def validate_device_map(model: Any, device_map: dict[str, Any], *, gpus: int | N
     network = _as_model(model)
     problems: list[str] = []
     modules = dict(network.named_modules())
-    tensors = [n for n, _ in network.named_parameters()] + [n for n, _ in network.named_buffers()]
+    # remove_duplicate=False: a tied weight is one tensor under two names, and each name needs a device
+    tensors = [n for n, _ in network.named_parameters(remove_duplicate=False)] + [
+        n for n, _ in network.named_buffers(remove_duplicate=False)]
     tensor_set = set(tensors)
 
     # Entries that name nothing, and devices that are not there.

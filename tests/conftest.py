@@ -10,7 +10,14 @@ import bitsandbytes  # noqa: E402,F401
 import torch  # noqa: E402,F401
 import transformers  # noqa: E402,F401
 
+from hypothesis import HealthCheck, settings  # noqa: E402
+
 pytest_plugins = ["pytester"]
+
+# Property tests run with a fixed example count, derandomized, so CI time is bounded and repeatable.
+settings.register_profile("llmload", max_examples=30, derandomize=True, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("llmload")
 
 
 @pytest.fixture

@@ -102,7 +102,7 @@ def test_bad_marker_argument_is_a_collection_error(pytester):
     [
         (["--llm-precision=fp12"], "invalid precision 'fp12': expected one of auto, fp32, fp16, bf16, int8, nf4, fp4"),
         (["--llm-device-map=everywhere"], "invalid device map 'everywhere': expected auto, balanced, balanced_low_0,"
-                                          " sequential, cpu, cuda, cuda:N, N, process*"),
+                                          " sequential, cpu, cuda, cuda:N, N, disk, process*"),
         (['--llm-device-map={"lm_head": 0,'], "invalid device map*not valid JSON*"),
         (["--llm-device-map=@missing.json"], "invalid device map '@missing.json': cannot read missing.json*"),
         (["--llm-max-memory=0=lots"], "invalid max memory '0=lots': invalid size 'lots'*"),
