@@ -38,7 +38,9 @@ def llm_model(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Any:
     session = _session(request)
     session.check_cell(llm_spec, request.node.nodeid)
     with _clean_errors():
-        return session.cache.get(llm_spec)
+        model = session.cache.get(llm_spec)
+    session.note_use(llm_spec)
+    return model
 
 
 @pytest.fixture
@@ -48,6 +50,7 @@ def llm_private_model(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Iter
     session.check_cell(llm_spec, request.node.nodeid)
     with _clean_errors():
         model = session.cache.load_private(llm_spec)
+    session.note_use(llm_spec)
     yield model
     del model
     from .cache import release_memory
@@ -95,7 +98,9 @@ class ModelLoader:
             spec = self.spec(model, device_map=device_map, precision=precision, max_memory=max_memory)
             self._session.check_cell(spec, own_quantization="quantization_config" in kwargs)
             cache = self._session.cache
-            return cache.load_private(spec, **kwargs) if private else cache.get(spec, **kwargs)
+            model = cache.load_private(spec, **kwargs) if private else cache.get(spec, **kwargs)
+        self._session.note_use(spec)
+        return model
 
     def tokenizer(self, model=None):
         with _clean_errors():
@@ -116,3 +121,18 @@ def llm_load(request: pytest.FixtureRequest) -> ModelLoader:
 def gpu_inventory(request: pytest.FixtureRequest):
     """The visible GPUs (index, name, total and free memory) and the bitsandbytes backend, probed once."""
     return _session(request).inventory
+
+
+@pytest.fixture
+def llm_memory():
+    """Peak memory of the test: CPU RSS delta and, per GPU, allocated/reserved peaks and driver-level use.
+
+    ``llm_memory.usage`` is filled when the test ends; ``with llm_memory.track() as usage:`` measures a
+    block. GPU peaks are reset at the start, so tests do not see each other's peaks.
+    """
+    from .memory import MemoryRecorder
+
+    recorder = MemoryRecorder()
+    recorder.start()
+    yield recorder
+    recorder.stop()

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import pytest
 
-from .fixtures import gpu_inventory, llm_load, llm_model, llm_private_model, llm_spec, llm_tokenizer  # noqa: F401
+from .fixtures import (  # noqa: F401
+    gpu_inventory,
+    llm_load,
+    llm_memory,
+    llm_model,
+    llm_private_model,
+    llm_spec,
+    llm_tokenizer,
+)
 from .session import SESSION_KEY, LLMLoadSession
 
 MARKERS = (
@@ -49,6 +57,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(default 0.1); 'off' disables the fit check", metavar="FRACTION")
     add("--llm-cuda-context", "llm_cuda_context", "memory a CUDA context takes per GPU, for the fit check "
         "(default: measured on the first GPU, 500MiB until then)", metavar="SIZE")
+    add("--llm-footprint-baseline", "llm_footprint_baseline", "JSON file of each cell's footprint: recorded "
+        "when missing, and a later run fails a cell whose footprint grew beyond the tolerance", metavar="PATH")
+    add("--llm-footprint-tolerance", "llm_footprint_tolerance", "how much a footprint may grow over its "
+        "baseline (default 0.05 = 5%)", metavar="FRACTION")
     add("--llm-gpus-per-worker", "llm_gpus_per_worker", "under pytest-xdist, give each worker its own K GPUs "
         "(disjoint slices of the visible ones)", metavar="K")
 

@@ -43,6 +43,8 @@ class Options:
     report: str | None
     fit_margin: float | None = 0.1  # None: fit check off
     cuda_context: int | None = None  # None: measured
+    baseline: str | None = None
+    baseline_tolerance: float = 0.05
 
 
 def _values(config: pytest.Config, name: str) -> list[str]:
@@ -110,7 +112,18 @@ def parse_options(config: pytest.Config) -> Options:
             ) from None
     context_text = _scalar(config, "llm_cuda_context")
     cuda_context = parse_size(context_text) if context_text and str(context_text) != "auto" else None
+    tolerance_text = str(_scalar(config, "llm_footprint_tolerance") or "0.05")
+    try:
+        baseline_tolerance = float(tolerance_text)
+        if baseline_tolerance < 0:
+            raise ValueError
+    except ValueError:
+        raise LLMLoadUsageError(
+            f"invalid --llm-footprint-tolerance value {tolerance_text!r}: expected a fraction >= 0 such as 0.05"
+        ) from None
     return Options(
+        baseline=_scalar(config, "llm_footprint_baseline") or None,
+        baseline_tolerance=baseline_tolerance,
         fit_margin=fit_margin,
         cuda_context=cuda_context,
         models=_unique(models),
@@ -143,6 +156,13 @@ class LLMLoadSession:
         self._cache = None
         self._inventory = None
         self._needs: dict[tuple, dict] = {}
+        self._pending_loads: list[dict] = []
+        self._used: set[str] = set()
+        self.footprint_regressions: dict[str, str] = {}
+        from .report import LoadReport
+
+        self.report = LoadReport()
+        self._baseline = None
         self.strict_failures: list[tuple[str, str]] = []
         self.worker_note = os.environ.get("LLMLOAD_WORKER_GPUS_NOTE")
 
@@ -154,6 +174,10 @@ class LLMLoadSession:
         except LLMLoadUsageError as exc:
             raise pytest.UsageError(str(exc)) from None
         session = cls(config, options)
+        try:
+            session._baseline = session._load_baseline()
+        except LLMLoadUsageError as exc:
+            raise pytest.UsageError(str(exc)) from None
         if options.min_gpus:
             from .hardware import visible_gpu_count
 
@@ -176,7 +200,88 @@ class LLMLoadSession:
                 trust_remote_code=self.options.trust_remote_code,
                 allow_pickle=self.options.allow_pickle,
             )
+            self._cache.on_load.append(self._record_load)
         return self._cache
+
+    # -- the load report and footprint baselines ---------------------------------------------
+    def _record_load(self, entry) -> None:
+        from .report import describe_load
+
+        load = describe_load(entry.model, entry.record)
+        self._pending_loads.append(load)
+        old = self._baseline.get(load["id"]) if self._baseline is not None else None
+        if old is not None and load["footprint_bytes"] > old * (1 + self.options.baseline_tolerance):
+            from .sizes import format_size
+
+            grown = load["footprint_bytes"] / old - 1
+            self.footprint_regressions[load["id"]] = (
+                f"footprint of {load['id']} grew by {grown:.1%}: {format_size(old)} ({old} bytes) in the baseline "
+                f"{self.options.baseline}, {format_size(load['footprint_bytes'])} ({load['footprint_bytes']} bytes) "
+                f"now; the tolerance is {self.options.baseline_tolerance:.0%}"
+            )
+
+    def note_use(self, spec: LLMSpec) -> None:
+        """The running test used ``spec``'s model (counted in the report, checked against the baseline)."""
+        self._used.add(spec.id)
+        message = self.footprint_regressions.get(spec.id)
+        if message:
+            raise pytest.fail.Exception(message, pytrace=False)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call):
+        report = yield
+        if call.when == "teardown" and (self._pending_loads or self._used):
+            import json
+
+            from .report import PROPERTY
+
+            payload = {"loads": self._pending_loads, "used": sorted(self._used),
+                       "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
+            report.user_properties.append((PROPERTY, json.dumps(payload)))
+            self._pending_loads, self._used = [], set()
+        return report
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.when != "teardown":
+            return
+        import json
+
+        from .report import PROPERTY
+
+        for name, value in report.user_properties:
+            if name == PROPERTY:
+                payload = json.loads(value)
+                self.report.add(payload, payload.get("worker", "main"))
+
+    def _load_baseline(self) -> dict | None:
+        path = self.options.baseline
+        if not path or not os.path.exists(path):
+            return None if not path else {}
+        import json
+
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            return {str(k): int(v) for k, v in data["footprints"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LLMLoadUsageError(
+                f"invalid footprint baseline {path}: expected JSON {{\"footprints\": {{cell id: bytes}}}} ({exc})"
+            ) from None
+
+    def _write_baseline(self) -> None:
+        """Record footprints of cells the baseline does not have yet (existing entries are kept)."""
+        import json
+
+        known = dict(self._baseline or {})
+        new = {cid: c["footprint_bytes"] for cid, c in self.report.cells.items()
+               if "footprint_bytes" in c and cid not in known}
+        if not new and os.path.exists(self.options.baseline):
+            return
+        known.update(new)
+        with open(self.options.baseline, "w") as f:
+            json.dump({"schema": "pytest-llmload/footprints", "version": 1,
+                       "footprints": dict(sorted(known.items()))}, f, indent=2)
+            f.write("\n")
 
     def close(self) -> None:
         if self._cache is not None:
@@ -377,12 +482,19 @@ class LLMLoadSession:
             terminalreporter.section("llmload: missing hardware (--llm-require-gpus)", sep="-", red=True)
             for nodeid, reason in self.strict_failures:
                 terminalreporter.write_line(f"FAILED {nodeid}: {reason}")
-        if self._cache is None or not self._cache.loads:
+        if not self.report.cells or hasattr(self.config, "workerinput"):
             return
-        info = self._cache.cache_info()
-        terminalreporter.write_line(
-            f"llmload: {info.loads} load(s), {info.hits} reuse(s), {info.evictions} eviction(s)"
-        )
+        cells = self.report.cells.values()
+        loads, tests = sum(c["loads"] for c in cells), sum(c["tests"] for c in cells)
+        terminalreporter.section("llmload: load report", sep="-")
+        terminalreporter.write_line(f"llmload: {loads} load(s) of {len(self.report.cells)} cell(s), "
+                                    f"used {tests} time(s)")
+        terminalreporter.write_line(self.report.table())
+        if self.options.report:
+            self.report.write(self.options.report)
+            terminalreporter.write_line(f"llmload: report written to {self.options.report}")
+        if self.options.baseline:
+            self._write_baseline()
 
 
 def _mentions_gpus(reasons: list[str]) -> bool:

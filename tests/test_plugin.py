@@ -179,7 +179,7 @@ def test_each_cell_loads_once_for_any_number_of_tests(pytester):
                                 "-k", "test_many or test_count")
     # 15 tests over 3 cells; test_count also runs per cell (it asks for llm_load only, so once)
     result.assert_outcomes(passed=16)
-    result.stdout.fnmatch_lines(["llmload: 3 load(s), 12 reuse(s), 2 eviction(s)"])
+    result.stdout.fnmatch_lines(["llmload: 3 load(s) of 3 cell(s), used 15 time(s)"])
 
 
 def test_private_model_is_not_the_shared_one(pytester):
