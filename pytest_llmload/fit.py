@@ -78,8 +78,8 @@ def cell_need(spec: LLMSpec, free: dict[int | str, int]) -> dict[int | str, int]
             max_memory=spec.max_memory_dict, gpus=gpus or None, cpu_memory=free.get("cpu"),
         )
         return dict(plan.bytes_per_device)
-    network, _ = meta_model(spec.model_spec, spec.precision)
-    sizes = module_sizes(network)
+    network, quantizer = meta_model(spec.model_spec, spec.precision)
+    sizes = module_sizes(network, quantizer=quantizer)
     return bytes_per_device(resolve_device_map(spec.device_map_spec), sizes)
 
 

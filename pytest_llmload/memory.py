@@ -152,8 +152,9 @@ def estimate_training_memory(
         raise LLMLoadUsageError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
     if precision in QUANTIZED_PRECISIONS and lora is None:
         raise LLMLoadUsageError(f"{precision} weights cannot be trained directly: pass lora={{'r': 8, ...}}")
-    network, _ = meta_model(model, precision)
-    sizes = module_sizes(network)
+    network, quantizer = meta_model(model, precision)
+    network.tie_weights()  # as from_pretrained does: a tied weight is one parameter, trained once
+    sizes = module_sizes(network, quantizer=quantizer)
     weights = sizes[""]
     float_params = [p for p in network.parameters() if p.is_floating_point()]
     parameters = sum(p.numel() for p in network.parameters())

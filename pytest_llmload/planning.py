@@ -282,11 +282,15 @@ def _available_ram() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def module_sizes(model: Any, precision: str | None = "auto") -> dict[str, int]:
-    """Bytes per module name (``""`` is the whole model) as transformers counts them for planning."""
+def module_sizes(model: Any, precision: str | None = "auto", *, quantizer: Any = None) -> dict[str, int]:
+    """Bytes per module name (``""`` is the whole model) as transformers counts them for planning.
+
+    For a meta model from :func:`meta_model`, pass its ``quantizer`` so int8/4-bit weights count at
+    their quantized size (before loading they are still float tensors).
+    """
     _, compute_module_sizes, _, _ = _planning_functions()
     if hasattr(model, "named_parameters"):
-        network, quantizer = model, getattr(model, "hf_quantizer", None)
+        network, quantizer = model, quantizer or getattr(model, "hf_quantizer", None)
     else:
         network, quantizer = meta_model(model, precision)
     sizes, _ = compute_module_sizes(network, quantizer)

@@ -218,17 +218,22 @@ def test_fit_problems_arithmetic():
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "nf4"])
 def test_fit_need_matches_the_sizes_accelerate_computes(precision):
-    """What the fit check counts per device equals accelerate's own size of the same meta model."""
+    """What the fit check counts per device equals the sizes accelerate (float) and transformers' quantizer
+    (int8/4-bit) compute for the same meta model, and what the real load reports."""
     from accelerate.utils import compute_module_sizes
+    from transformers.integrations.accelerate import compute_module_sizes as quantized_sizes
 
+    from pytest_llmload import load_model
     from pytest_llmload.fit import cell_need
     from pytest_llmload.planning import meta_model
 
     mapping = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 1,
                "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     need = cell_need(make_spec("builtin:tiny-llama", mapping, precision), {})
-    network, _ = meta_model("builtin:tiny-llama", precision)
-    sizes = compute_module_sizes(network)
+    network, quantizer = meta_model("builtin:tiny-llama", precision)
+    sizes = compute_module_sizes(network) if quantizer is None else quantized_sizes(network, quantizer)[0]
+    assert sum(need.values()) == load_model("builtin:tiny-llama", precision=precision,
+                                            device_map="cpu").get_memory_footprint()
     assert need == {
         0: sizes["model.embed_tokens"] + sizes["model.layers.0"],
         1: sizes["model.layers.1"] + sizes["model.layers.2"],
