@@ -124,7 +124,10 @@ def builtin_path(name: str) -> Path:
     if target.exists():  # damaged (files removed or truncated after it was written): rebuild
         shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    from .safety import sweep_dead_staging
+
+    sweep_dead_staging(target.parent)  # half-written copies of processes that died mid-write
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=target.parent))
     try:
         _write_checkpoint(model, staging)
         try:

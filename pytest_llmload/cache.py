@@ -81,7 +81,9 @@ class ModelCache:
     def offload_folder(self) -> str:
         """A fresh folder under this session's offload root (removed by :meth:`close`)."""
         if self._offload_root is None:
-            self._offload_root = tempfile.mkdtemp(prefix="llmload-session-")
+            from .safety import session_folder
+
+            self._offload_root = session_folder()
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _remove_tree, self._offload_root)
         return tempfile.mkdtemp(prefix="offload-", dir=self._offload_root)

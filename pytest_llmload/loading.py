@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -79,12 +78,16 @@ def load_config(model: Any, *, trust_remote_code: bool = False):
         return model.config
     spec = parse_model(model)
     source = resolve_source(spec)
+    local_only, offline_reason = _is_local(spec), ""
+    if not local_only:
+        from .safety import hub_reachable
+
+        reachable, offline_reason = hub_reachable()
+        local_only = not reachable
     try:
-        config = AutoConfig.from_pretrained(
-            source, trust_remote_code=trust_remote_code, local_files_only=_is_local(spec)
-        )
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line naming the model
-        raise ModelLoadError(_config_error(spec, exc, trust_remote_code)) from None
+        raise ModelLoadError(_config_error(spec, exc, trust_remote_code, offline_reason)) from None
     if getattr(config, "auto_map", None) and not trust_remote_code:
         raise ModelLoadError(
             f"model {spec.text!r} needs code from the checkpoint (auto_map in config.json); "
@@ -93,12 +96,18 @@ def load_config(model: Any, *, trust_remote_code: bool = False):
     return config
 
 
-def _config_error(spec: ModelSpec, exc: BaseException, trust_remote_code: bool) -> str:
+def _config_error(spec: ModelSpec, exc: BaseException, trust_remote_code: bool, offline_reason: str = "") -> str:
     message = _first_line(exc)
     if "trust_remote_code" in str(exc) and not trust_remote_code:
         return (
             f"model {spec.text!r} needs code from the checkpoint; "
             "pass --llm-trust-remote-code (trust_remote_code=True) if you trust it"
+        )
+    if spec.kind == "hub" and offline_reason:
+        return (
+            f"cannot load model {spec.text!r}: the hub is not reachable ({offline_reason}) and it is not in "
+            "the local cache; download it once with network (or set HF_HUB_OFFLINE=1 where it is cached), "
+            "or point --llm-model at a local directory"
         )
     if spec.kind == "hub":
         return (
@@ -266,7 +275,15 @@ def load_model(
 
     call: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if _is_local(spec):
+        from .safety import check_checkpoint_files
+
+        check_checkpoint_files(source)
         call["local_files_only"] = True
+    else:
+        from .safety import hub_reachable
+
+        if not hub_reachable()[0]:
+            call["local_files_only"] = True
     if not allow_pickle:
         call["use_safetensors"] = True
     if precision in _DTYPES:
@@ -290,7 +307,9 @@ def load_model(
 
     own_folder = None
     if "offload_folder" not in call and needs_offload_folder(call.get("device_map"), call.get("max_memory")):
-        own_folder = tempfile.mkdtemp(prefix="llmload-offload-")
+        from .safety import session_folder
+
+        own_folder = session_folder()
         call["offload_folder"] = own_folder
     info.offload_folder = call.get("offload_folder")
     try:
@@ -340,6 +359,9 @@ def load_tokenizer(model: Any, *, trust_remote_code: bool = False, **kwargs: Any
     spec = parse_model(model)
     source = resolve_source(spec)
     if _is_local(spec):
+        from .safety import check_tokenizer_files
+
+        check_tokenizer_files(source)
         kwargs.setdefault("local_files_only", True)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)

@@ -157,7 +157,8 @@ def test_directory_without_weights_fails_with_one_line(tmp_path):
 
 
 def test_hub_id_without_network_fails_once_with_advice(offline_hub):
-    with pytest.raises(ModelLoadError, match=r"cannot load model 'someorg/not-here' from the hub or the local cache"):
+    with pytest.raises(ModelLoadError, match=r"cannot load model 'someorg/not-here': the hub is not reachable "
+                                             r"\(HF_HUB_OFFLINE is set\) and it is not in the local cache"):
         load_model("someorg/not-here")
 
 
