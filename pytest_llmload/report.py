@@ -40,10 +40,16 @@ def describe_load(model, record) -> dict[str, Any]:
         per_device[key] = per_device.get(key, 0) + size
     spec = record.spec
     return {
+        "key": cell_key(spec),
         "id": spec.id, "model": spec.model, "device_map": spec.device_map, "precision": spec.precision,
         "load_seconds": round(record.load_seconds, 4), "footprint_bytes": int(model.get_memory_footprint()),
         "bytes_per_device": per_device, "device_hops": device_hops(model), "notes": list(record.info.notes),
     }
+
+
+def cell_key(spec) -> str:
+    """Unique per cell (two checkpoints may share a label, and so an id)."""
+    return f"{spec.model} {spec.device_map_spec.key} {spec.precision}"
 
 
 class LoadReport:
@@ -54,7 +60,7 @@ class LoadReport:
 
     def add(self, payload: dict[str, Any], worker: str = "main") -> None:
         for load in payload.get("loads", []):
-            cell = self.cells.setdefault(load["id"], {**load, "loads": 0, "load_seconds": 0.0, "tests": 0,
+            cell = self.cells.setdefault(load["key"], {**load, "loads": 0, "load_seconds": 0.0, "tests": 0,
                                                       "workers": []})
             cell["loads"] += 1
             cell["load_seconds"] = round(cell["load_seconds"] + load["load_seconds"], 4)
@@ -64,11 +70,12 @@ class LoadReport:
             if cell_id in self.cells:
                 self.cells[cell_id]["tests"] += 1
             else:  # a use reported before its load (cannot happen in one process; keep it safe)
-                self.cells.setdefault(cell_id, {"id": cell_id, "loads": 0, "load_seconds": 0.0, "tests": 0,
-                                                "workers": []})["tests"] += 1
+                self.cells.setdefault(cell_id, {"key": cell_id, "id": cell_id, "loads": 0, "load_seconds": 0.0,
+                                                "tests": 0, "workers": []})["tests"] += 1
 
     def to_json(self) -> dict[str, Any]:
-        return {**SCHEMA, "cells": [self.cells[k] for k in sorted(self.cells)]}
+        cells = [{k: v for k, v in self.cells[key].items() if k != "key"} for key in sorted(self.cells)]
+        return {**SCHEMA, "cells": sorted(cells, key=lambda c: c["id"])}
 
     def write(self, path: str) -> None:
         with open(path, "w") as f:
@@ -78,7 +85,7 @@ class LoadReport:
     def table(self) -> str:
         header = ("cell", "loads", "load s", "footprint", "per device", "hops", "tests")
         rows = []
-        for cell in (self.cells[k] for k in sorted(self.cells)):
+        for cell in sorted(self.cells.values(), key=lambda c: c["id"]):
             devices = ", ".join(f"{d} {format_size(b)}" for d, b in cell.get("bytes_per_device", {}).items())
             rows.append((cell["id"], str(cell["loads"]), f"{cell['load_seconds']:.2f}",
                          format_size(cell.get("footprint_bytes", 0)), devices, str(cell.get("device_hops", "-")),

@@ -222,7 +222,9 @@ class LLMLoadSession:
 
     def note_use(self, spec: LLMSpec) -> None:
         """The running test used ``spec``'s model (counted in the report, checked against the baseline)."""
-        self._used.add(spec.id)
+        from .report import cell_key
+
+        self._used.add(cell_key(spec))
         message = self.footprint_regressions.get(spec.id)
         if message:
             raise pytest.fail.Exception(message, pytrace=False)
@@ -273,8 +275,8 @@ class LLMLoadSession:
         import json
 
         known = dict(self._baseline or {})
-        new = {cid: c["footprint_bytes"] for cid, c in self.report.cells.items()
-               if "footprint_bytes" in c and cid not in known}
+        new = {c["id"]: c["footprint_bytes"] for c in self.report.cells.values()
+               if "footprint_bytes" in c and c["id"] not in known}
         if not new and os.path.exists(self.options.baseline):
             return
         known.update(new)
