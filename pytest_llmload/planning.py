@@ -140,11 +140,18 @@ def _summarize_modules(modules: list[str]) -> str:
     return ", ".join(out)
 
 
-def _planning_functions():
+def _planning_functions(quantized: bool = False):
+    """transformers' private planning functions, imported with a clear error if a release moved them.
+
+    ``get_hf_quantizer`` is imported only for int8/4-bit: its module imports every quantizer (seconds).
+    """
     try:
         from transformers.integrations.accelerate import _get_device_map, compute_module_sizes
         from transformers.modeling_utils import _get_dtype
-        from transformers.quantizers.auto import get_hf_quantizer
+
+        get_hf_quantizer = None
+        if quantized:
+            from transformers.quantizers.auto import get_hf_quantizer
     except ImportError as exc:
         import transformers
 
@@ -166,13 +173,15 @@ def meta_model(model: Any, precision: str | None = "auto", *, device_map: Any = 
 
     from .loading import load_config, model_class_for, quantization_config_for
 
-    _, _, _get_dtype, get_hf_quantizer = _planning_functions()
     precision = parse_precision(precision or "auto")
+    _, _, _get_dtype, get_hf_quantizer = _planning_functions(quantized=precision in QUANTIZED_PRECISIONS)
     config = copy.deepcopy(load_config(model, trust_remote_code=trust_remote_code))
     cls = model_class_for(config, model_class)
-    hf_quantizer, config, _ = get_hf_quantizer(
-        config, quantization_config_for(precision), device_map, True, {}
-    )
+    hf_quantizer = None
+    if get_hf_quantizer is not None or getattr(config, "quantization_config", None) is not None:
+        if get_hf_quantizer is None:  # a pre-quantized checkpoint
+            get_hf_quantizer = _planning_functions(quantized=True)[3]
+        hf_quantizer, config, _ = get_hf_quantizer(config, quantization_config_for(precision), device_map, True, {})
     if precision in ("fp32", "fp16", "bf16"):
         dtype: Any = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     elif precision == "auto" and getattr(config, "dtype", None) is not None:

@@ -296,10 +296,24 @@ class LLMLoadSession:
     @property
     def inventory(self):
         """This process's GPUs and bitsandbytes backend, probed on first use, once."""
+        if self._inventory is None or self._inventory.bitsandbytes_error == "not probed":
+            import dataclasses
+
+            from .hardware import probe_bitsandbytes
+
+            gpus = self.gpus
+            version, backend, error = probe_bitsandbytes("cuda:0" if gpus.gpus else "cpu")
+            self._inventory = dataclasses.replace(gpus, bitsandbytes_version=version,
+                                                  bitsandbytes_backend=backend, bitsandbytes_error=error)
+        return self._inventory
+
+    @property
+    def gpus(self):
+        """This process's GPUs only: importing and trying bitsandbytes costs seconds, so only when needed."""
         if self._inventory is None:
             from .hardware import probe_inventory
 
-            self._inventory = probe_inventory()
+            self._inventory = probe_inventory(bitsandbytes=False)
         return self._inventory
 
     def missing_hardware(self, nodeid: str | None, reasons: list[str]) -> None:
@@ -320,7 +334,9 @@ class LLMLoadSession:
         problem = quantized_map_problem(spec.precision, spec.device_map)
         if problem and not own_quantization:
             raise pytest.skip.Exception(problem, _use_item_location=True)
-        reasons = cell_reasons(spec, self.inventory)
+        from .specs import QUANTIZED_PRECISIONS
+
+        reasons = cell_reasons(spec, self.inventory if spec.precision in QUANTIZED_PRECISIONS else self.gpus)
         if reasons and self.worker_note and _mentions_gpus(reasons):
             reasons.append(self.worker_note)
         self.missing_hardware(nodeid, reasons)
@@ -350,14 +366,14 @@ class LLMLoadSession:
     def _need_and_free(self, spec: LLMSpec, key: tuple, fresh: bool = False):
         from .fit import cell_need, free_memory
 
-        free = free_memory(self.inventory, current=True)
+        free = free_memory(self.gpus, current=True)
         if fresh or key not in self._needs:
             self._needs[key] = cell_need(spec, free)
         return self._needs[key], free
 
     def _context_bytes(self) -> dict:
         """CUDA context size for each visible GPU this process has not used yet."""
-        if not self.inventory.gpus:
+        if not self.gpus.gpus:
             return {}
         from .fit import DEFAULT_CUDA_CONTEXT, measure_cuda_context, used_gpus
 
@@ -367,7 +383,7 @@ class LLMLoadSession:
             except Exception:  # noqa: BLE001 - a driver that cannot tell: use the usual size
                 self.options.cuda_context = DEFAULT_CUDA_CONTEXT
         used = used_gpus()
-        return {g.index: 0 if g.index in used else self.options.cuda_context for g in self.inventory.gpus}
+        return {g.index: 0 if g.index in used else self.options.cuda_context for g in self.gpus.gpus}
 
     # -- the matrix ------------------------------------------------------------------------
     def default_spec(self) -> LLMSpec:
@@ -442,7 +458,7 @@ class LLMLoadSession:
         reasons: list[str] = []
         try:
             for mark in gpu_marks:
-                reasons += marker_gpu_reasons(self.inventory, mark.args, mark.kwargs)
+                reasons += marker_gpu_reasons(self.gpus, mark.args, mark.kwargs)
         except LLMLoadUsageError as exc:
             raise pytest.fail.Exception(str(exc), pytrace=False) from None
         if reasons and self.worker_note:

@@ -1,0 +1,334 @@
+"""Benchmark pytest-llmload against the bare alternative, side by side, as ratios of medians.
+
+    python benchmarks/run.py            # full sizes (a GPT-2-small-sized checkpoint, ~124M parameters)
+    python benchmarks/run.py --quick    # tiny sizes: a smoke run that keeps the script from rotting
+    python benchmarks/run.py --json     # machine-readable
+    python benchmarks/run.py --check    # exit 1 when a target is missed
+
+Each figure is measured --repeat times (interleaved with its baseline where there is one); the table
+shows min/median/max and the ratio of medians against the baseline. The machine is shared and noisy:
+read ratios, not absolute seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def run(cmd, env=None, cwd=None) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+    elapsed = time.perf_counter() - start
+    if proc.returncode not in (0,):
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return elapsed
+
+
+def child_peak_rss(cmd, env=None, cwd=None) -> tuple[int, str]:
+    """Peak RSS of one child process (bytes), via wait4's rusage."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, cwd=cwd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{out[-3000:]}\n{err[-3000:]}")
+    return usage.ru_maxrss * 1024, out
+
+
+def stats(values):
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "runs": len(values)}
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.rows = []
+        self.work = Path(tempfile.mkdtemp(prefix="llmload-bench-"))
+
+    def add(self, name, unit, values, baseline=None, target=None, target_text="", note=""):
+        row = {"name": name, "unit": unit, **stats(values)}
+        if baseline is not None:
+            row["baseline"] = stats(baseline)
+            row["ratio"] = row["median"] / row["baseline"]["median"]
+        if target is not None:
+            value = row.get("ratio", row["median"])
+            row["target"] = target_text
+            row["met"] = bool(target(value))
+        row["note"] = note
+        self.rows.append(row)
+        if not self.args.json:
+            print(self.format_row(row), flush=True)
+
+    @staticmethod
+    def format_row(row):
+        def fmt(v):
+            return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+        text = f"{row['name']:<46} {fmt(row['min']):>9} {fmt(row['median']):>9} {fmt(row['max']):>9} {row['unit']:<5}"
+        if "ratio" in row:
+            text += f" base {fmt(row['baseline']['median']):>8}  ratio {row['ratio']:.3f}"
+        if "target" in row:
+            text += f"  target {row['target']} {'ok' if row['met'] else 'MISSED'}"
+        if row["note"]:
+            text += f"  ({row['note']})"
+        return text
+
+
+# -- the checkpoint --------------------------------------------------------------------------------------
+
+
+def write_checkpoint(bench) -> Path:
+    """A GPT-2-small-sized checkpoint with random weights (tiny with --quick), and its tokenizer."""
+    code = textwrap.dedent(f"""
+        import torch, sys
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from pytest_llmload.builtin import BUILTIN_MODELS, build_tokenizer
+        quick = {bench.args.quick!r}
+        config = GPT2Config(n_embd=64 if quick else 768, n_layer=2 if quick else 12, n_head=4 if quick else 12,
+                            vocab_size=320 if quick else 50257, n_positions=256 if quick else 1024)
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(config)
+        model.save_pretrained(sys.argv[1])
+        build_tokenizer(BUILTIN_MODELS["tiny-gpt2"]).save_pretrained(sys.argv[1])
+        print(sum(p.numel() for p in model.parameters()))
+    """)
+    path = bench.work / "gpt2-small"
+    out = subprocess.run([PY, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    bench.parameters = int(out.stdout.strip().splitlines()[-1])
+    return path
+
+
+# -- 1. start-up ---------------------------------------------------------------------------------------
+
+
+def bench_startup(bench):
+    suite = bench.work / "plain-suite"
+    suite.mkdir()
+    count = 30 if bench.args.quick else 300
+    for i in range(count // 10):
+        (suite / f"test_plain_{i}.py").write_text("".join(f"def test_{j}():\n    assert {j} == {j}\n\n" for j in range(10)))
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    with_plugin, without = [], []
+    for _ in range(bench.args.repeat * 2):
+        with_plugin.append(run([PY, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=suite))
+        without.append(run([PY, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:llmload"],
+                           cwd=suite))
+    bench.add(f"start-up: collect {count} plain tests", "s", with_plugin, without, lambda r: r <= 1.05, "<= 1.05")
+
+
+# -- 2. load cost ----------------------------------------------------------------------------------------
+
+LOAD_SCRIPT = """
+import sys, time, json, warnings
+warnings.filterwarnings("ignore")
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from pytest_llmload import load_model
+from pytest_llmload.cache import ModelCache
+from pytest_llmload.specs import make_spec
+path, precision, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3])
+kwargs = {"dtype": torch.float32} if precision == "fp32" else {
+    "quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": "cpu"}
+device_map = None if precision == "fp32" else "cpu"
+results = {"bare": [], "load_model": [], "llm_model": [], "safetensors": []}
+from safetensors.torch import load_file
+for _ in range(repeat):
+    t = time.perf_counter(); load_file(path + "/model.safetensors"); results["safetensors"].append(time.perf_counter() - t)
+    t = time.perf_counter(); m = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, local_files_only=True, **kwargs); results["bare"].append(time.perf_counter() - t); del m
+    t = time.perf_counter(); m = load_model(path, precision=precision, device_map=device_map); results["load_model"].append(time.perf_counter() - t); del m
+    cache = ModelCache(1)
+    t = time.perf_counter(); m = cache.get(make_spec(path, device_map or "auto", precision)); results["llm_model"].append(time.perf_counter() - t); del m; cache.close()
+print(json.dumps(results))
+"""
+
+
+def bench_load(bench, checkpoint):
+    for precision in ("fp32", "int8"):
+        out = subprocess.run([PY, "-c", LOAD_SCRIPT, str(checkpoint), precision, str(bench.args.repeat + 1)],
+                             capture_output=True, text=True, check=True).stdout
+        data = {k: v[1:] for k, v in json.loads(out.strip().splitlines()[-1]).items()}  # first round warms up
+        size = f"{bench.parameters / 1e6:.0f}M"
+        bench.add(f"load {size} {precision}: load_model vs from_pretrained", "s", data["load_model"], data["bare"],
+                  lambda r: r <= 1.05, "<= 1.05")
+        bench.add(f"load {size} {precision}: llm_model cell vs from_pretrained", "s", data["llm_model"], data["bare"],
+                  lambda r: r <= 1.05, "<= 1.05", note="session cache + fit check + report")
+        bench.add(f"load {size} {precision}: from_pretrained vs safetensors floor", "s", data["bare"],
+                  data["safetensors"], note="physical floor: safetensors.torch.load_file")
+
+
+# -- 3. reuse ------------------------------------------------------------------------------------------
+
+
+def bench_reuse(bench, checkpoint):
+    suite = bench.work / "reuse-suite"
+    suite.mkdir()
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    (suite / "test_reuse.py").write_text(textwrap.dedent("""
+        import pytest, torch
+
+        @pytest.mark.parametrize("i", range(20))
+        def test_forward(llm_model, i):
+            with torch.no_grad():
+                llm_model(torch.tensor([[1, 2, 3, 4]]))
+    """))
+    bare = bench.work / "bare_reuse.py"
+    bare.write_text(textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            model = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, dtype=dtype, device_map="auto",
+                                                         use_safetensors=True, local_files_only=True)
+            for i in range(20):
+                with torch.no_grad():
+                    model(torch.tensor([[1, 2, 3, 4]]))
+            del model
+    """))
+    suite_times, bare_times, loads = [], [], set()
+    for _ in range(bench.args.repeat):
+        report = suite / "report.json"
+        suite_times.append(run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--llm-model={checkpoint}",
+                                "--llm-precision=fp32", "--llm-precision=fp16", "--llm-precision=bf16",
+                                f"--llm-report={report}"], cwd=suite))
+        loads.add(sum(c["loads"] for c in json.loads(report.read_text())["cells"]))
+        bare_times.append(run([PY, str(bare)]))
+    bench.add("reuse: 60 tests over 3 cells vs 3 bare loads", "s", suite_times, bare_times, lambda r: r <= 1.25,
+              "<= 1.25", note=f"loads per run: {sorted(loads)} (must be [3])")
+    bench.reuse_loads = sorted(loads)
+
+
+# -- 4. release ----------------------------------------------------------------------------------------
+
+
+def bench_release(bench, checkpoint):
+    suite = bench.work / "release-suite"
+    suite.mkdir()
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    (suite / "test_cells.py").write_text("def test_cell(llm_model):\n    pass\n")
+    one = [f"--llm-model={checkpoint}", "--llm-precision=fp32", "--llm-device-map=cpu"]
+    six = [f"--llm-model={checkpoint}", "--llm-precision=fp32", "--llm-precision=fp16", "--llm-precision=bf16",
+           "--llm-device-map=cpu", "--llm-device-map=auto", "--llm-cache-size=1"]
+    singles, cycles = [], []
+    for _ in range(max(bench.args.repeat // 2, 1)):
+        singles.append(child_peak_rss([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *one], cwd=suite)[0] / 2**20)
+        cycles.append(child_peak_rss([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *six], cwd=suite)[0] / 2**20)
+    bench.add("release: peak RSS, 6 cells with cache of 1 vs 1 cell", "MiB", cycles, singles, lambda r: r <= 1.5,
+              "<= 1.5")
+
+
+# -- 5. planner ----------------------------------------------------------------------------------------
+
+PLAN_SCRIPT = """
+import sys, time, json, resource
+from transformers import LlamaConfig
+from pytest_llmload import plan_device_map
+config = LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                     num_attention_heads=64, num_key_value_heads=8)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times = []
+for _ in range(int(sys.argv[2])):
+    t = time.perf_counter()
+    plan = plan_device_map(config, "auto", gpus="8x80GiB", precision=sys.argv[1], cpu_memory="512GiB")
+    times.append(time.perf_counter() - t)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"times": times, "rss_growth": (after - before) * 1024, "model_bytes": plan.model_bytes,
+                  "devices": len(plan.bytes_per_device)}))
+"""
+
+
+def bench_planner(bench):
+    for precision in ("bf16", "int8"):
+        out = subprocess.run([PY, "-c", PLAN_SCRIPT, precision, str(bench.args.repeat)], capture_output=True,
+                             text=True, check=True).stdout
+        data = json.loads(out.strip().splitlines()[-1])
+        bench.add(f"planner: 70B on 8x80GiB, {precision}", "s", data["times"], target=lambda v: v < 2.0,
+                  target_text="< 2 s", note=f"model {data['model_bytes'] / 2**30:.1f} GiB on {data['devices']} devices, "
+                                             f"peak RSS growth {data['rss_growth'] / 2**20:.0f} MiB")
+
+
+# -- 6. strategies -------------------------------------------------------------------------------------
+
+STRATEGY_SCRIPT = """
+import sys, time, json
+from hypothesis import given, settings, HealthCheck
+from transformers import LlamaConfig
+from pytest_llmload.strategies import device_maps, module_tree
+config = LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=32000)
+module_tree(config)
+rates = []
+for _ in range(int(sys.argv[1])):
+    count = [0]
+    @settings(max_examples=int(sys.argv[2]), database=None, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(device_maps(config, devices=(0, 1, 2, 3, "cpu")))
+    def draw(m):
+        count[0] += 1
+    t = time.perf_counter(); draw(); rates.append(count[0] / (time.perf_counter() - t))
+print(json.dumps(rates))
+"""
+
+
+def bench_strategies(bench):
+    examples = 100 if bench.args.quick else 500
+    out = subprocess.run([PY, "-c", STRATEGY_SCRIPT, str(bench.args.repeat), str(examples)], capture_output=True,
+                         text=True, check=True).stdout
+    rates = json.loads(out.strip().splitlines()[-1])
+    bench.add("strategies: maps/s for a 32-layer config", "1/s", rates, target=lambda v: v >= 200,
+              target_text=">= 200/s", note=f"{examples} examples per run, through @given")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, fewer runs (a smoke test)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--repeat", type=int, help="runs per figure (default 5; 2 with --quick)")
+    parser.add_argument("--only", help="comma-separated: startup,load,reuse,release,planner,strategies")
+    args = parser.parse_args(argv)
+    args.repeat = args.repeat or (2 if args.quick else 5)
+    bench = Bench(args)
+    wanted = set((args.only or "startup,load,reuse,release,planner,strategies").split(","))
+    if not args.json:
+        print(f"{'figure':<46} {'min':>9} {'median':>9} {'max':>9} unit", flush=True)
+    checkpoint = write_checkpoint(bench) if wanted & {"load", "reuse", "release"} else None
+    if "startup" in wanted:
+        bench_startup(bench)
+    if "load" in wanted:
+        bench_load(bench, checkpoint)
+    if "reuse" in wanted:
+        bench_reuse(bench, checkpoint)
+    if "release" in wanted:
+        bench_release(bench, checkpoint)
+    if "planner" in wanted:
+        bench_planner(bench)
+    if "strategies" in wanted:
+        bench_strategies(bench)
+    import shutil
+
+    shutil.rmtree(bench.work, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"quick": args.quick, "repeat": args.repeat, "rows": bench.rows}, indent=2))
+    missed = [r["name"] for r in bench.rows if r.get("met") is False]
+    if args.check and missed:
+        if not args.json:
+            print(f"missed targets: {', '.join(missed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
