@@ -68,7 +68,7 @@ class ModelCache:
         self._entries: OrderedDict[tuple, CachedModel] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
         self._failures: dict[Any, str] = {}
-        self._config_ok: set[str] = set()
+        self._configs: dict[str, Any] = {}
         self.loads = self.hits = self.evictions = 0
         self.load_attempts: dict[str, int] = {}
         self.config_attempts: dict[str, int] = {}
@@ -118,7 +118,7 @@ class ModelCache:
         return self._load(spec, kwargs, None).model
 
     def _load(self, spec: LLMSpec, kwargs: dict[str, Any], key: tuple | None) -> CachedModel:
-        self.check_config(spec)
+        config = self.check_config(spec)
         info = LoadInfo()
         call = dict(kwargs)
         if needs_offload_folder(spec.device_map, spec.max_memory):
@@ -134,6 +134,7 @@ class ModelCache:
                 trust_remote_code=self.trust_remote_code,
                 allow_pickle=self.allow_pickle,
                 info=info,
+                config=config,
                 **call,
             )
         except ModelLoadError as exc:
@@ -148,20 +149,20 @@ class ModelCache:
             callback(entry)
         return entry
 
-    def check_config(self, spec: LLMSpec) -> None:
+    def check_config(self, spec: LLMSpec):
         """Resolve the model's config once per session; remember a failure for every later cell."""
         model = spec.model
-        if model in self._config_ok:
-            return
+        if model in self._configs:
+            return self._configs[model]
         if model in self._failures:
             raise ModelLoadError(self._failures[model])
         self.config_attempts[model] = self.config_attempts.get(model, 0) + 1
         try:
-            load_config(spec.model_spec, trust_remote_code=self.trust_remote_code)
+            self._configs[model] = load_config(spec.model_spec, trust_remote_code=self.trust_remote_code)
         except LLMLoadError as exc:
             self._failures[model] = str(exc)
             raise ModelLoadError(str(exc)) from None
-        self._config_ok.add(model)
+        return self._configs[model]
 
     def tokenizer(self, spec: LLMSpec) -> Any:
         model = spec.model

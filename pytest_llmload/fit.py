@@ -83,6 +83,40 @@ def cell_need(spec: LLMSpec, free: dict[int | str, int]) -> dict[int | str, int]
     return bytes_per_device(resolve_device_map(spec.device_map_spec), sizes)
 
 
+_FLOAT_TYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_TYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def weights_upper_bound(spec: LLMSpec) -> int | None:
+    """A cheap upper bound of a local cell's weights, from the safetensors headers (no model is built).
+
+    Float tensors count at 4 bytes for fp32/auto/int8/4-bit (unquantized parts may stay fp32) and
+    2 for fp16/bf16; other tensors as stored. None for hub ids or checkpoints without safetensors.
+    """
+    if spec.model_spec.kind not in ("builtin", "path"):
+        return None
+    from pathlib import Path
+
+    from .loading import resolve_source
+    from .safety import safetensors_header
+
+    files = sorted(Path(resolve_source(spec.model_spec)).glob("*.safetensors"))
+    if not files:
+        return None
+    per_float = 2 if spec.precision in ("fp16", "bf16") else 4
+    total = 0
+    for file in files:
+        for name, tensor in safetensors_header(file).items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in tensor["shape"]:
+                count *= dim
+            total += count * (per_float if tensor["dtype"] in _FLOAT_TYPES else _TYPE_BYTES.get(tensor["dtype"], 8))
+    return total
+
+
 def free_memory(inventory, *, current: bool = False) -> dict[int | str, int]:
     """Free bytes per device: each visible GPU, and the host's available RAM as ``cpu``.
 

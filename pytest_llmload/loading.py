@@ -244,6 +244,7 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     info: LoadInfo | None = None,
+    config: Any = None,
     **kwargs: Any,
 ):
     """Load ``model`` (``builtin:NAME``, a directory or a hub id) with ``from_pretrained``.
@@ -269,11 +270,12 @@ def load_model(
         raise LLMLoadUsageError(problem)
     info.device_map = resolved_map
 
-    config = load_config(spec, trust_remote_code=trust_remote_code)
+    # The config is read once here (or given, already read) and handed to from_pretrained, not re-read.
+    config = config if config is not None else load_config(spec, trust_remote_code=trust_remote_code)
     cls = model_class_for(config, model_class)
     source = resolve_source(spec)
 
-    call: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    call: dict[str, Any] = {"trust_remote_code": trust_remote_code, "config": config}
     if _is_local(spec):
         from .safety import check_checkpoint_files
 

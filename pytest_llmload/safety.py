@@ -53,6 +53,12 @@ def check_tokenizer_files(directory: str | os.PathLike) -> None:
                 raise ModelLoadError(f"tokenizer file {file} is damaged: not valid JSON ({exc})") from None
 
 
+def safetensors_header(file: Path) -> dict:
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(header_len))
+
+
 def _safetensors_problem(file: Path) -> str | None:
     size = file.stat().st_size
     if size < 8:

@@ -349,10 +349,18 @@ class LLMLoadSession:
         """
         if self.options.fit_margin is None or self.cache.holds(spec):
             return []
-        from .fit import cell_need, fit_problems
+        from .fit import fit_problems, free_memory, weights_upper_bound
 
         key = (spec.model, spec.device_map_spec.key, spec.precision, spec.max_memory)
         try:
+            bound = weights_upper_bound(spec)
+            if bound is not None and key not in self._needs:
+                # Cheap first: if the whole model fits on every device it could use, no plan is needed.
+                free = free_memory(self.gpus, current=True)
+                context = self._context_bytes()
+                if not fit_problems({d: bound for d in free}, free, margin=self.options.fit_margin,
+                                    context_bytes=context):
+                    return []
             problems = fit_problems(*self._need_and_free(spec, key), margin=self.options.fit_margin,
                                     context_bytes=self._context_bytes())
             if problems and self.cache.cache_info().size:

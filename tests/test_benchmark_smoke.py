@@ -1,0 +1,26 @@
+"""The benchmark script runs end to end on tiny sizes (its timed figures are not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+
+
+def test_benchmark_runs_on_tiny_sizes():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--repeat", "1", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out.stdout)
+    names = [row["name"] for row in data["rows"]]
+    for prefix in ("start-up", "load 0M fp32", "load 0M int8", "reuse", "release", "planner: 70B", "strategies"):
+        assert any(n.startswith(prefix) for n in names), (prefix, names)
+    for row in data["rows"]:
+        assert row["min"] <= row["median"] <= row["max"]
+        if "target" in row:
+            assert isinstance(row["met"], bool)
+    reuse = next(r for r in data["rows"] if r["name"].startswith("reuse: 60 tests/3 cells vs hand"))
+    assert "loads per run: [3]" in reuse["note"]  # the one non-timed claim: 60 tests, 3 loads
