@@ -5,7 +5,8 @@
     python benchmarks/run.py --json     # machine-readable
     python benchmarks/run.py --check    # exit 1 when a target is missed
 
-Each figure is measured --repeat times (interleaved with its baseline where there is one); the table
+Each figure is measured --repeat times (loads 5x, start-up 4x as often: they are short and noisy),
+interleaved with its baseline where there is one; the table
 shows min/median/max and the ratio of medians against the baseline. The machine is shared and noisy:
 read ratios, not absolute seconds.
 """
@@ -123,7 +124,7 @@ def bench_startup(bench):
         (suite / f"test_plain_{i}.py").write_text("".join(f"def test_{j}():\n    assert {j} == {j}\n\n" for j in range(10)))
     (suite / "pytest.ini").write_text("[pytest]\n")
     with_plugin, without = [], []
-    for _ in range(bench.args.repeat * 2):
+    for _ in range(bench.args.repeat * 4):
         with_plugin.append(run([PY, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=suite))
         without.append(run([PY, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:llmload"],
                            cwd=suite))
@@ -158,7 +159,8 @@ print(json.dumps(results))
 
 def bench_load(bench, checkpoint):
     for precision in ("fp32", "int8"):
-        out = subprocess.run([PY, "-c", LOAD_SCRIPT, str(checkpoint), precision, str(bench.args.repeat + 1)],
+        # loads of a warm checkpoint take tens of ms: alternate many times in one process to see past noise
+        out = subprocess.run([PY, "-c", LOAD_SCRIPT, str(checkpoint), precision, str(5 * bench.args.repeat + 1)],
                              capture_output=True, text=True, check=True).stdout
         data = {k: v[1:] for k, v in json.loads(out.strip().splitlines()[-1]).items()}  # first round warms up
         size = f"{bench.parameters / 1e6:.0f}M"

@@ -7,6 +7,7 @@ A GPU that this process has not used yet also needs room for its CUDA context.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from .sizes import format_size
@@ -106,14 +107,17 @@ def weights_upper_bound(spec: LLMSpec) -> int | None:
         return None
     per_float = 2 if spec.precision in ("fp16", "bf16") else 4
     total = 0
-    for file in files:
-        for name, tensor in safetensors_header(file).items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for dim in tensor["shape"]:
-                count *= dim
-            total += count * (per_float if tensor["dtype"] in _FLOAT_TYPES else _TYPE_BYTES.get(tensor["dtype"], 8))
+    try:
+        for file in files:
+            for name, tensor in safetensors_header(file).items():
+                if name == "__metadata__":
+                    continue
+                count = 1
+                for dim in tensor["shape"]:
+                    count *= dim
+                total += count * (per_float if tensor["dtype"] in _FLOAT_TYPES else _TYPE_BYTES.get(tensor["dtype"], 8))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error, MemoryError):
+        return None  # a damaged file: the load reports it, naming the file
     return total
 
 

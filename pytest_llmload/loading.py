@@ -381,10 +381,9 @@ def effective_device_map(model) -> dict[str, Any]:
     device_map = getattr(model, "hf_device_map", None)
     if device_map:
         return dict(device_map)
-    device = None
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        device = tensor.device
-        break
+    import itertools
+
+    device = next((t.device for t in itertools.chain(model.parameters(), model.buffers())), None)
     if device is None:
         return {"": "cpu"}
     if device.type == "cuda":

@@ -27,23 +27,26 @@ def describe_load(model, record) -> dict[str, Any]:
     from .devices import normalize_device
     from .loading import effective_device_map
 
-    placed = effective_device_map(model)
-    per_device: dict[str, int] = {}
-    sizes: dict[str, int] = {}
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        sizes[name] = tensor.nelement() * tensor.element_size()
     from .devices import resolve
 
-    for name, size in sizes.items():
-        _, device = resolve(placed, name)
-        key = normalize_device(device) if device is not None else "unplaced"
-        per_device[key] = per_device.get(key, 0) + size
+    placed = effective_device_map(model)
+    footprint = int(model.get_memory_footprint())
+    if list(placed) == [""]:  # one device: no need to walk the tensors
+        per_device = {normalize_device(placed[""]): footprint}
+        hops = 0
+    else:
+        per_device = {}
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            _, device = resolve(placed, name)
+            key = normalize_device(device) if device is not None else "unplaced"
+            per_device[key] = per_device.get(key, 0) + tensor.nelement() * tensor.element_size()
+        hops = device_hops(model)
     spec = record.spec
     return {
         "key": cell_key(spec),
         "id": spec.id, "model": spec.model, "device_map": spec.device_map, "precision": spec.precision,
-        "load_seconds": round(record.load_seconds, 4), "footprint_bytes": int(model.get_memory_footprint()),
-        "bytes_per_device": per_device, "device_hops": device_hops(model), "notes": list(record.info.notes),
+        "load_seconds": round(record.load_seconds, 4), "footprint_bytes": footprint,
+        "bytes_per_device": per_device, "device_hops": hops, "notes": list(record.info.notes),
     }
 
 

@@ -54,8 +54,12 @@ def check_tokenizer_files(directory: str | os.PathLike) -> None:
 
 
 def safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file (ValueError if the length it claims is impossible)."""
+    size = Path(file).stat().st_size
     with open(file, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise ValueError(f"header claims {header_len} bytes, the file has {size}")
         return json.loads(f.read(header_len))
 
 

@@ -25,7 +25,6 @@ from .specs import (
 
 SESSION_KEY = pytest.StashKey["LLMLoadSession"]()
 DEFAULT_MODEL = "builtin:tiny-llama"
-LLM_FIXTURES = ("llm_spec",)  # every cell-dependent fixture requests llm_spec
 _MARKER_AXES = {"models": parse_model, "device_maps": parse_device_map, "precisions": parse_precision}
 
 
@@ -533,7 +532,3 @@ def _mentions_gpus(reasons: list[str]) -> bool:
 def _item_spec(item: pytest.Item) -> LLMSpec | None:
     callspec = getattr(item, "callspec", None)
     return callspec.params.get("llm_spec") if callspec is not None else None
-
-
-def in_xdist_worker() -> bool:
-    return "PYTEST_XDIST_WORKER" in os.environ

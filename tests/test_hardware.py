@@ -317,3 +317,27 @@ def test_xdist_run_of_a_small_matrix(pytester):
     )
     result.assert_outcomes(passed=4, skipped=1)
     result.stdout.fnmatch_lines(["*needs 1 GPU; found none; --llm-gpus-per-worker=1 gives worker gw* 0 of 0 visible GPUs*"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "nf4"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-t5"])
+def test_cheap_bound_is_an_upper_bound_of_the_real_footprint(name, precision):
+    from pytest_llmload import load_model
+    from pytest_llmload.fit import weights_upper_bound
+
+    bound = weights_upper_bound(make_spec(f"builtin:{name}", "cpu", precision))
+    footprint = load_model(f"builtin:{name}", device_map="cpu", precision=precision).get_memory_footprint()
+    assert footprint <= bound <= 4 * footprint
+
+
+def test_cheap_bound_gives_up_on_damaged_files_and_hub_ids(tmp_path):
+    import shutil
+
+    from pytest_llmload.builtin import builtin_path
+    from pytest_llmload.fit import weights_upper_bound
+
+    assert weights_upper_bound(make_spec("org/model", "auto", "fp16")) is None
+    copy = tmp_path / "ckpt"
+    shutil.copytree(builtin_path("tiny-gpt2"), copy)
+    (copy / "model.safetensors").write_bytes(b"\xff" * 16)
+    assert weights_upper_bound(make_spec(str(copy), "auto", "fp16")) is None
