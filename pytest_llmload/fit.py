@@ -92,8 +92,9 @@ _TYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 def weights_upper_bound(spec: LLMSpec) -> int | None:
     """A cheap upper bound of a local cell's weights, from the safetensors headers (no model is built).
 
-    Float tensors count at 4 bytes for fp32/auto/int8/4-bit (unquantized parts may stay fp32) and
-    2 for fp16/bf16; other tensors as stored. None for hub ids or checkpoints without safetensors.
+    Float tensors count at 4 bytes whatever the precision (modules in ``_keep_in_fp32_modules`` and the
+    unquantized parts of int8/4-bit stay fp32), other tensors as stored, plus 5% and 1 MiB for buffers
+    the checkpoint does not store (rotary tables). None for hub ids or checkpoints without safetensors.
     """
     if spec.model_spec.kind not in ("builtin", "path"):
         return None
@@ -105,7 +106,7 @@ def weights_upper_bound(spec: LLMSpec) -> int | None:
     files = sorted(Path(resolve_source(spec.model_spec)).glob("*.safetensors"))
     if not files:
         return None
-    per_float = 2 if spec.precision in ("fp16", "bf16") else 4
+    per_float = 4
     total = 0
     try:
         for file in files:
@@ -118,7 +119,7 @@ def weights_upper_bound(spec: LLMSpec) -> int | None:
                 total += count * (per_float if tensor["dtype"] in _FLOAT_TYPES else _TYPE_BYTES.get(tensor["dtype"], 8))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error, MemoryError):
         return None  # a damaged file: the load reports it, naming the file
-    return total
+    return int(total * 1.05) + 2**20
 
 
 def free_memory(inventory, *, current: bool = False) -> dict[int | str, int]:

@@ -327,7 +327,7 @@ def test_cheap_bound_is_an_upper_bound_of_the_real_footprint(name, precision):
 
     bound = weights_upper_bound(make_spec(f"builtin:{name}", "cpu", precision))
     footprint = load_model(f"builtin:{name}", device_map="cpu", precision=precision).get_memory_footprint()
-    assert footprint <= bound <= 4 * footprint
+    assert footprint <= bound <= 4 * footprint + 2**21
 
 
 def test_cheap_bound_gives_up_on_damaged_files_and_hub_ids(tmp_path):
