@@ -503,6 +503,8 @@ class LLMLoadSession:
     def pytest_report_header(self, config: pytest.Config) -> str:
         from .hardware import header_line
 
+        if self.options.require_gpus:  # GPU CI: worth the seconds to try bitsandbytes before any test
+            return self.inventory.describe()
         return self._inventory.describe() if self._inventory is not None else header_line()
 
     def pytest_terminal_summary(self, terminalreporter) -> None:

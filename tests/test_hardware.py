@@ -190,6 +190,8 @@ def test_header_line_on_this_machine(pytester):
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest()
     result.stdout.fnmatch_lines(["llmload: no GPU; bitsandbytes * (backend tried on first use)"])
+    result = pytester.runpytest("--llm-require-gpus")  # GPU CI mode tries bitsandbytes up front
+    result.stdout.fnmatch_lines(["llmload: no GPU; bitsandbytes * (cpu)"])
 
 
 def test_gpu_inventory_fixture(pytester):
