@@ -11,7 +11,6 @@ on the meta device (no weights), so drawing is cheap.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, NamedTuple, Sequence
 
 from hypothesis import strategies as st
@@ -104,7 +103,8 @@ def _check_devices(devices: Sequence[Any], *, name: str = "devices") -> list:
         try:
             check_device(device)
         except LLMLoadUsageError:
-            raise InvalidArgument(f"{name}: {device!r} is not a device (an index, 'cpu', 'disk', 'meta', 'cuda:N')")
+            raise InvalidArgument(
+                f"{name}: {device!r} is not a device (an index, 'cpu', 'disk', 'meta', 'cuda:N')") from None
         if device not in checked:
             checked.append(device)
     return checked
@@ -197,7 +197,7 @@ def invalid_device_maps(model: Any, *, devices: Sequence[Any] = ("cpu", "disk"),
             block = draw(st.sampled_from(tree.no_split))
             for name in [e for e in base if e == block.name or e.startswith(block.name + ".")]:
                 del base[name]
-            first, second = draw(st.sampled_from(devices)), None
+            first = draw(st.sampled_from(devices))
             second = draw(st.sampled_from([d for d in devices if normalize_device(d) != normalize_device(first)]))
             for i, child in enumerate(block.children):
                 base[child.name] = first if i == 0 else second
