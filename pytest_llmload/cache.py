@@ -8,7 +8,7 @@ import tempfile
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from .errors import LLMLoadError, ModelLoadError
@@ -33,7 +33,6 @@ class LoadRecord:
     load_seconds: float
     private: bool = False
     uses: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -70,7 +69,6 @@ class ModelCache:
         self._failures: dict[Any, str] = {}
         self._configs: dict[str, Any] = {}
         self.loads = self.hits = self.evictions = 0
-        self.load_attempts: dict[str, int] = {}
         self.config_attempts: dict[str, int] = {}
         self.history: list[LoadRecord] = []  # every load this session, for the report
         self.on_load: list[Callable[[CachedModel], None]] = []
@@ -123,7 +121,6 @@ class ModelCache:
         call = dict(kwargs)
         if needs_offload_folder(spec.device_map, spec.max_memory):
             call.setdefault("offload_folder", self.offload_folder())
-        self.load_attempts[spec.model] = self.load_attempts.get(spec.model, 0) + 1
         start = time.perf_counter()
         try:
             model = load_model(

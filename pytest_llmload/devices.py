@@ -24,6 +24,17 @@ def normalize_device(device: Any) -> str:
     raise ValueError(f"invalid device {device!r}: expected an index, a name such as 'cuda:0' or 'cpu', or a torch.device")
 
 
+def device_label(device: int | str) -> str:
+    """How a planned device reads in messages and tables: ``0`` -> ``cuda:0``, ``"cpu"`` -> ``cpu``."""
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def plan_key(device: Any) -> int | str:
+    """The key transformers' plans use: GPU index as an int, else the name (``"cuda:1"`` -> ``1``)."""
+    name = normalize_device(device)
+    return int(name.split(":")[1]) if name.startswith("cuda:") else name
+
+
 def resolve(device_map: dict[str, Any], name: str) -> tuple[str | None, Any]:
     """The entry of ``device_map`` that places ``name`` (the longest prefix on a dot boundary), and its device."""
     if name in device_map:

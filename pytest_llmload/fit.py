@@ -10,15 +10,12 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from .devices import device_label, plan_key
 from .sizes import format_size
 from .specs import LLMSpec
 
 DEFAULT_MARGIN = 0.10  # share of free memory kept free for activations and the allocator
 DEFAULT_CUDA_CONTEXT = 500 * 2**20  # a CUDA context takes hundreds of MB; measured when a GPU is present
-
-
-def _device_name(device: int | str) -> str:
-    return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
 def fit_problems(
@@ -41,13 +38,13 @@ def fit_problems(
         total = weights + (context_bytes or {}).get(device, 0)
         available = free.get(device)
         if available is None:
-            problems.append(f"needs ~{format_size(total)} on {_device_name(device)}, which is not here")
+            problems.append(f"needs ~{format_size(total)} on {device_label(device)}, which is not here")
             continue
         usable = int(available * (1 - margin))
         if total > usable:
             extra = f" (incl. ~{format_size(total - weights)} CUDA context)" if total != weights else ""
             problems.append(
-                f"needs ~{format_size(total)}{extra} on {_device_name(device)}, {format_size(available)} free"
+                f"needs ~{format_size(total)}{extra} on {device_label(device)}, {format_size(available)} free"
                 + (f" ({margin:.0%} kept spare)" if margin else "")
             )
     return problems
@@ -57,11 +54,7 @@ def bytes_per_device(device_map: dict[str, Any], sizes: dict[str, int]) -> dict[
     """Sum module sizes per device; a prefix entry counts everything under it."""
     need: dict[int | str, int] = {}
     for module, device in device_map.items():
-        key = "cuda" if device == "cuda" else device
-        if isinstance(key, str) and key.startswith("cuda:"):
-            key = int(key.split(":")[1])
-        elif key == "cuda":
-            key = 0
+        key = plan_key(device)
         need[key] = need.get(key, 0) + sizes.get(module, 0)
     return need
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import LLMLoadUsageError
 from .sizes import format_size, parse_size
@@ -38,7 +38,6 @@ class Inventory:
     bitsandbytes_backend: str | None = None  # "cuda", "cpu", ... once tried; None when not working
     bitsandbytes_error: str | None = None
     source: str = "none"
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def count(self) -> int:

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from .devices import device_label
 from .sizes import format_size
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8.0, "adam": 8.0, "adamw8bit": 2.0 + 8.0 / 256, "sgd": 0.0,
@@ -73,7 +74,7 @@ class MemoryEstimate:
         lines = [f"training memory: {self.trainable_parameters:,} of {self.parameters:,} parameters trainable"]
         lines += [f"  {name:<16}{format_size(size):>12}" for name, size in rows]
         for device, size in self.per_device.items():
-            lines.append(f"  {'on ' + (f'cuda:{device}' if isinstance(device, int) else str(device)):<16}"
+            lines.append(f"  {'on ' + device_label(device):<16}"
                          f"{format_size(size):>12}")
         return "\n".join(lines)
 

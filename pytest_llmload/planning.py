@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from .devices import device_label
 from .errors import LLMLoadError, LLMLoadUsageError
 from .sizes import format_size, parse_size
 from .specs import QUANTIZED_PRECISIONS, STRATEGIES, parse_max_memory, parse_precision
@@ -98,7 +99,7 @@ class DevicePlan:
             budget = self.budgets.get(device)
             modules = self.modules_per_device.get(device, [])
             rows.append((
-                _device_name(device), format_size(size), f"{share:.0%}",
+                device_label(device), format_size(size), f"{share:.0%}",
                 format_size(budget) if budget is not None else "-", _summarize_modules(modules),
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -108,10 +109,6 @@ class DevicePlan:
         for row in rows:
             lines.append("  ".join(cell.ljust(widths[i]) if i < 4 else cell for i, cell in enumerate(row)).rstrip())
         return "\n".join(lines)
-
-
-def _device_name(device: int | str) -> str:
-    return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
 def _summarize_modules(modules: list[str]) -> str:

@@ -24,10 +24,8 @@ from pytest_llmload import (
 )
 from pytest_llmload.builtin import builtin_path
 
-GPT2_MAP = {
-    "transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu", "transformer.h.1": "disk",
-    "transformer.h.2": "disk", "transformer.h.3": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu",
-}
+from maps import GPT2_CPU_DISK
+
 LLAMA_MAP = {
     "model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 1,
     "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
@@ -42,11 +40,11 @@ def lora():
 
 
 def test_sound_maps_have_no_problems():
-    assert validate_device_map("builtin:tiny-gpt2", GPT2_MAP) == []
+    assert validate_device_map("builtin:tiny-gpt2", GPT2_CPU_DISK) == []
     assert validate_device_map("builtin:tiny-llama", LLAMA_MAP, gpus=2) == []
     assert validate_device_map("builtin:tiny-llama", {"": "cpu"}) == []
-    model = load_model("builtin:tiny-gpt2", device_map=GPT2_MAP)  # a loaded (partly meta) model
-    assert validate_device_map(model, GPT2_MAP) == []
+    model = load_model("builtin:tiny-gpt2", device_map=GPT2_CPU_DISK)  # a loaded (partly meta) model
+    assert validate_device_map(model, GPT2_CPU_DISK) == []
 
 
 def test_incomplete_map():
@@ -78,7 +76,7 @@ def test_split_decoder_layer():
 
 
 def test_tied_embeddings_apart():
-    apart = {**GPT2_MAP, "transformer.wte": 0}
+    apart = {**GPT2_CPU_DISK, "transformer.wte": 0}
     problems = validate_device_map("builtin:tiny-gpt2", apart, gpus=1)
     assert problems == ["tied weights are on different devices: transformer.wte.weight (cuda:0), "
                         "lm_head.weight (cpu); put them on one device"]
@@ -87,7 +85,7 @@ def test_tied_embeddings_apart():
 
 
 def test_ambiguous_overlap():
-    problems = validate_device_map("builtin:tiny-gpt2", {**GPT2_MAP, "transformer": "cpu"})
+    problems = validate_device_map("builtin:tiny-gpt2", {**GPT2_CPU_DISK, "transformer": "cpu"})
     assert problems == ["entry 'transformer' (cpu) overlaps entries inside it on other devices: "
                         "'transformer.h.1' (disk), 'transformer.h.2' (disk); which device wins is ambiguous"]
 
@@ -103,7 +101,7 @@ def test_incomplete_single_device_map_loads_silently_but_is_reported():
     """transformers 5 treats a map whose entries all name one device as a single-device load and does
     not check coverage (a map over two devices is checked by accelerate and raises); the gap is only
     visible to validate_device_map."""
-    gapped = {k: "cpu" for k in GPT2_MAP if k != "transformer.h.3"}
+    gapped = {k: "cpu" for k in GPT2_CPU_DISK if k != "transformer.h.3"}
     model = load_model("builtin:tiny-gpt2", device_map=gapped)
     assert getattr(model, "hf_device_map", None) is None
     assert validate_device_map(model, gapped) == [
@@ -117,13 +115,13 @@ def test_incomplete_single_device_map_loads_silently_but_is_reported():
 
 @pytest.fixture(scope="module")
 def offloaded():
-    return load_model("builtin:tiny-gpt2", device_map=GPT2_MAP, precision="fp32")
+    return load_model("builtin:tiny-gpt2", device_map=GPT2_CPU_DISK, precision="fp32")
 
 
 def test_assert_device_map_passes_for_the_actual_placement(offloaded):
     assert_device_map(offloaded, {"transformer.h.1": "disk", "lm_head": "cpu", "transformer.h.2.mlp": "disk"})
     assert_device_map(offloaded, {"cpu", "disk"})
-    assert_device_map(offloaded, GPT2_MAP, devices={"cpu", "disk"}, exact=True)
+    assert_device_map(offloaded, GPT2_CPU_DISK, devices={"cpu", "disk"}, exact=True)
     assert_device_map(offloaded, {"cpu"})  # a subset of the devices used, when not exact
 
 
@@ -144,7 +142,7 @@ def test_assert_device_map_devices_compare_by_meaning():
     with pytest.raises(AssertionError, match=r"devices used: cpu; expected cuda:0 \(unused: cuda:0\)"):
         assert_device_map(model, {0})
     with pytest.raises(AssertionError, match=r"devices used: cpu, disk; expected exactly cpu \(unexpected: disk\)"):
-        assert_device_map(load_model("builtin:tiny-gpt2", device_map=GPT2_MAP), {"cpu"}, exact=True)
+        assert_device_map(load_model("builtin:tiny-gpt2", device_map=GPT2_CPU_DISK), {"cpu"}, exact=True)
 
 
 def test_exact_compares_every_parameter(offloaded):
@@ -295,7 +293,7 @@ def test_quantized_and_half_outputs_are_close_with_default_tolerance(precision):
 def test_offloaded_outputs_equal_and_corruption_is_caught(tmp_path):
     checkpoint = tmp_path / "gpt2"
     shutil.copytree(builtin_path("tiny-gpt2"), checkpoint)
-    model = load_model(str(checkpoint), device_map=GPT2_MAP, precision="fp32", offload_folder=str(tmp_path / "off"))
+    model = load_model(str(checkpoint), device_map=GPT2_CPU_DISK, precision="fp32", offload_folder=str(tmp_path / "off"))
     reference = load_model("builtin:tiny-gpt2", precision="fp32")
     assert_outputs_close(model, reference)
     # corrupt the bytes an offloaded layer is read from (a new file: loaded models keep their own pages)

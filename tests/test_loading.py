@@ -15,10 +15,8 @@ from pytest_llmload.builtin import builtin_path
 from pytest_llmload.errors import LLMLoadUsageError, ModelLoadError
 from pytest_llmload.loading import LoadInfo
 
-GPT2_CPU_DISK = {
-    "transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu", "transformer.h.1": "disk",
-    "transformer.h.2": "disk", "transformer.h.3": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu",
-}
+from maps import GPT2_CPU_DISK
+
 
 
 def _logits(model, text="the quick brown fox", name="tiny-gpt2"):

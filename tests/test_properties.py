@@ -6,7 +6,6 @@ Run with a fixed example count and derandomized (the "llmload" hypothesis profil
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
@@ -125,4 +124,3 @@ def test_generation_speed_for_a_32_layer_config():
 
     collect()
     assert len(maps) == 50 and all(validate_device_map(config, m, gpus=4) == [] for m in maps[:5])
-    assert torch.device("meta")  # the config was never materialised

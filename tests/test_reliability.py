@@ -22,6 +22,8 @@ from pytest_llmload.errors import ModelLoadError
 from pytest_llmload.safety import SESSION_PREFIX, sweep_dead_sessions, sweep_dead_staging
 from pytest_llmload.specs import make_spec
 
+from maps import GPT2_CPU_DISK
+
 
 def copy_checkpoint(tmp_path, name="tiny-gpt2"):
     target = tmp_path / name
@@ -166,9 +168,7 @@ def test_folders_of_dead_processes_are_swept(tmp_path):
 
 
 def test_crashed_xdist_worker_leaves_no_offload_folder(pytester, isolated_tmp):
-    mapping = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "disk",
-               "transformer.h.1": "disk", "transformer.h.2": "cpu", "transformer.h.3": "cpu",
-               "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    mapping = GPT2_CPU_DISK
     pytester.makepyfile("""
         import os
 
