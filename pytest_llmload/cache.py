@@ -31,8 +31,12 @@ class LoadRecord:
     spec: LLMSpec
     info: LoadInfo
     load_seconds: float
-    private: bool = False
+    kind: str = "load"  # "load" (first, cached), "reload" (cached again after eviction) or "private"
     uses: int = 1
+
+    @property
+    def private(self) -> bool:
+        return self.kind == "private"
 
 
 @dataclass
@@ -68,6 +72,7 @@ class ModelCache:
         self._tokenizers: dict[str, Any] = {}
         self._failures: dict[Any, str] = {}
         self._configs: dict[str, Any] = {}
+        self._loaded_keys: set[tuple] = set()
         self.loads = self.hits = self.evictions = 0
         self.config_attempts: dict[str, int] = {}
         self.history: list[LoadRecord] = []  # every load this session, for the report
@@ -107,18 +112,20 @@ class ModelCache:
             raise ModelLoadError(self._failures[key])
         while len(self._entries) >= self.max_models:
             self.evict(next(iter(self._entries)))
-        entry = self._load(spec, kwargs, key)
-        self._entries[key] = entry
-        return entry
+        return self._load(spec, kwargs, key)
 
     def load_private(self, spec: LLMSpec, **kwargs: Any) -> Any:
         """A copy of ``spec``'s model that the cache does not hold (for tests that mutate it)."""
         return self._load(spec, kwargs, None).model
 
     def _load(self, spec: LLMSpec, kwargs: dict[str, Any], key: tuple | None) -> CachedModel:
-        config = self.check_config(spec)
-        info = LoadInfo()
         call = dict(kwargs)
+        trust_remote_code = call.pop("trust_remote_code", self.trust_remote_code)
+        allow_pickle = call.pop("allow_pickle", self.allow_pickle)
+        config = call.pop("config", None)
+        if config is None:
+            config = self.check_config(spec, trust_remote_code=trust_remote_code)
+        info = LoadInfo()
         if needs_offload_folder(spec.device_map, spec.max_memory):
             call.setdefault("offload_folder", self.offload_folder())
         start = time.perf_counter()
@@ -128,8 +135,8 @@ class ModelCache:
                 device_map=spec.device_map_spec,
                 precision=spec.precision,
                 max_memory=spec.max_memory_dict,
-                trust_remote_code=self.trust_remote_code,
-                allow_pickle=self.allow_pickle,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
                 info=info,
                 config=config,
                 **call,
@@ -139,23 +146,28 @@ class ModelCache:
                 self._failures[key] = str(exc)
             release_memory()  # whatever the failed load allocated goes now, not at the next gc
             raise
-        entry = CachedModel(model, LoadRecord(spec, info, time.perf_counter() - start, private=key is None))
+        kind = "private" if key is None else "reload" if key in self._loaded_keys else "load"
+        entry = CachedModel(model, LoadRecord(spec, info, time.perf_counter() - start, kind=kind))
         self.loads += 1
         self.history.append(entry.record)
+        if key is not None:  # cached before the callbacks run: a failing callback cannot lose the model
+            self._loaded_keys.add(key)
+            self._entries[key] = entry
         for callback in self.on_load:
             callback(entry)
         return entry
 
-    def check_config(self, spec: LLMSpec):
+    def check_config(self, spec: LLMSpec, *, trust_remote_code: bool | None = None):
         """Resolve the model's config once per session; remember a failure for every later cell."""
-        model = spec.model
+        trust = self.trust_remote_code if trust_remote_code is None else trust_remote_code
+        model = spec.model if trust == self.trust_remote_code else (spec.model, trust)
         if model in self._configs:
             return self._configs[model]
         if model in self._failures:
             raise ModelLoadError(self._failures[model])
         self.config_attempts[model] = self.config_attempts.get(model, 0) + 1
         try:
-            self._configs[model] = load_config(spec.model_spec, trust_remote_code=self.trust_remote_code)
+            self._configs[model] = load_config(spec.model_spec, trust_remote_code=trust)
         except LLMLoadError as exc:
             self._failures[model] = str(exc)
             raise ModelLoadError(str(exc)) from None

@@ -16,7 +16,7 @@ def normalize_device(device: Any) -> str:
         return f"cuda:{device}"
     if isinstance(device, str):
         text = device.strip().lower()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             return f"cuda:{int(text)}"
         if text in ("cuda", "xpu", "npu", "hpu", "mlu"):
             return f"{text}:0"

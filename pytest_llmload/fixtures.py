@@ -68,8 +68,10 @@ def llm_tokenizer(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Any:
 class ModelLoader:
     """``llm_load(model=None, *, device_map=None, precision=None, max_memory=None, **kwargs)``.
 
-    Loads through the session cache; ``None`` means the session's first configured value.
-    ``private=True`` returns a copy the cache does not hold.
+    Loads through the session cache; ``None`` means the session's first configured value, except that
+    ``dtype=``/``quantization_config=``/``load_in_8bit=`` set the precision when ``precision`` is None
+    (given both, they must agree). ``private=True`` returns a copy the cache does not hold.
+    ``trust_remote_code=``/``allow_pickle=`` override the session's options for this call.
     """
 
     def __init__(self, session: LLMLoadSession):
@@ -86,15 +88,11 @@ class ModelLoader:
 
     def __call__(self, model=None, *, device_map=None, precision=None, max_memory=None, private=False, **kwargs):
         with _clean_errors():
-            from .loading import translate_legacy_kwargs
+            from .loading import reconcile_precision
 
-            legacy = translate_legacy_kwargs(kwargs)
-            if legacy is not None:
-                if precision is not None and precision != legacy:
-                    raise LLMLoadUsageError(
-                        f"precision={precision!r} contradicts the legacy bitsandbytes kwargs (which mean {legacy!r})"
-                    )
-                precision = legacy
+            if kwargs.get("config", 0) is None:
+                kwargs.pop("config")  # None means "read it", as from_pretrained takes it
+            precision = reconcile_precision(precision, kwargs)
             spec = self.spec(model, device_map=device_map, precision=precision, max_memory=max_memory)
             self._session.check_cell(spec, own_quantization="quantization_config" in kwargs)
             cache = self._session.cache
@@ -127,8 +125,9 @@ def gpu_inventory(request: pytest.FixtureRequest):
 def llm_memory():
     """Peak memory of the test: CPU RSS delta and, per GPU, allocated/reserved peaks and driver-level use.
 
-    ``llm_memory.usage`` is filled when the test ends; ``with llm_memory.track() as usage:`` measures a
-    block. GPU peaks are reset at the start, so tests do not see each other's peaks.
+    ``llm_memory.usage`` holds the peaks so far whenever it is read (the whole test's at its end, also in
+    the JSON report); ``with llm_memory.track() as usage:`` measures a block. GPU peaks are reset at the
+    start, so tests do not see each other's peaks.
     """
     from .memory import MemoryRecorder
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .errors import LLMLoadUsageError
 from .sizes import format_size, parse_size
-from .specs import QUANTIZED_PRECISIONS, LLMSpec
+from .specs import QUANTIZED_PRECISIONS, LLMSpec, is_whole_number
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _probe_nvml() -> list[GPU] | None:
             handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         else:
             for entry in visible:
-                if entry.isdigit():
+                if is_whole_number(entry):
                     if int(entry) >= count:
                         break
                     handles.append(pynvml.nvmlDeviceGetHandleByIndex(int(entry)))
@@ -140,6 +140,28 @@ def _probe_torch() -> list[GPU]:
     return gpus
 
 
+def import_bitsandbytes():
+    """Import bitsandbytes without the noise its import makes (torch.jit deprecation warnings, a
+    kernels-community warning on CPUs with AVX512-BF16): pytest-llmload chooses when it is imported."""
+    import logging
+    import sys
+    import warnings
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            import bitsandbytes
+    finally:
+        logger.setLevel(level)
+    return bitsandbytes
+
+
 def probe_bitsandbytes(device: str = "cpu") -> tuple[str | None, str | None, str | None]:
     """(version, working backend, error): a tiny int8 layer really runs on ``device``, or the error says why."""
     try:
@@ -148,8 +170,8 @@ def probe_bitsandbytes(device: str = "cpu") -> tuple[str | None, str | None, str
         return None, None, "not installed"
     try:
         import torch
-        import bitsandbytes as bnb
 
+        bnb = import_bitsandbytes()
         layer = bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False).to(device)
         with torch.no_grad():
             out = layer(torch.ones(2, 8, device=device, dtype=torch.float16 if device != "cpu" else torch.float32))
@@ -180,8 +202,11 @@ def _probe_nvidia_smi() -> list[GPU] | None:
     chosen = [by_index[i] for i in (visible if visible is not None else list(by_index)) if i in by_index]
     gpus = []
     for index, row in enumerate(chosen):
-        cap = tuple(int(x) for x in row[4].split(".")) if len(row) > 4 and row[4][:1].isdigit() else None
-        gpus.append(GPU(index, row[1], int(float(row[2])) * 2**20, int(float(row[3])) * 2**20, cap))
+        try:
+            cap = tuple(int(x) for x in row[4].split(".")) if len(row) > 4 and is_whole_number(row[4][:1]) else None
+            gpus.append(GPU(index, row[1], int(float(row[2])) * 2**20, int(float(row[3])) * 2**20, cap))
+        except ValueError:
+            return None  # output this parser does not understand: let torch tell
     return gpus
 
 
@@ -297,6 +322,10 @@ def cell_reasons(spec: LLMSpec, inventory: Inventory) -> list[str]:
     """
     reasons = []
     indices = map_gpu_indices(spec.device_map)
+    budgeted = sorted(d for d in (spec.max_memory_dict or {}) if isinstance(d, int))
+    if budgeted and budgeted[-1] >= inventory.count:
+        devices = ", ".join(f"cuda:{i}" for i in budgeted)
+        reasons.append(f"max memory names {devices}; {_gpu_list(inventory.gpus)}")
     if indices:
         highest = max(indices)
         if highest >= inventory.count:
@@ -319,7 +348,7 @@ def cell_reasons(spec: LLMSpec, inventory: Inventory) -> list[str]:
 
 def worker_index(worker_id: str | None) -> int | None:
     """``"gw3"`` -> 3; None outside an xdist worker."""
-    if not worker_id or not worker_id.startswith("gw") or not worker_id[2:].isdigit():
+    if not worker_id or not worker_id.startswith("gw") or not is_whole_number(worker_id[2:]):
         return None
     return int(worker_id[2:])
 

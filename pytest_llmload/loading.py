@@ -9,6 +9,7 @@ import os
 import shutil
 import warnings
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from .specs import (
     parse_device_map,
     parse_max_memory,
     parse_model,
+    is_whole_number,
     parse_precision,
 )
 
@@ -184,7 +186,7 @@ def translate_legacy_kwargs(kwargs: dict[str, Any]) -> str | None:
         f"pytest-llmload translated it to quantization_config=BitsAndBytesConfig(...) "
         f"(use precision={precision!r} instead)",
         DeprecationWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
     from transformers import BitsAndBytesConfig
 
@@ -194,10 +196,95 @@ def translate_legacy_kwargs(kwargs: dict[str, Any]) -> str | None:
     return precision
 
 
+def _precision_of_quantization(config: Any) -> str | None:
+    if getattr(config, "load_in_8bit", False):
+        return "int8"
+    if getattr(config, "load_in_4bit", False):
+        return str(getattr(config, "bnb_4bit_quant_type", "nf4"))
+    return None  # another quantization method: nothing to compare with
+
+
+def _precision_of_dtype(dtype: Any) -> str | None:
+    name = str(dtype).replace("torch.", "").strip().lower()
+    return {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}.get(name)
+
+
+def reconcile_precision(precision: Any, kwargs: dict[str, Any]) -> str | None:
+    """The one precedence rule between ``precision`` and the ``from_pretrained`` kwargs that also mean one.
+
+    ``dtype=``/``torch_dtype=``, ``quantization_config=`` and the legacy ``load_in_8bit=``/``load_in_4bit=``
+    set the precision when ``precision`` is not given (None); when it is given they must agree with it
+    (``dtype=`` may accompany a quantized precision: it is then the dtype of the modules left unquantized).
+    A contradiction is one :class:`LLMLoadUsageError`. Mutates ``kwargs`` (legacy kwargs translated, a
+    dtype that the precision already sets removed); returns the precision, or None when nothing says one.
+    """
+    chosen = parse_precision(precision) if precision is not None else None
+    legacy = translate_legacy_kwargs(kwargs)
+    implied: list[tuple[str, str]] = []
+    if legacy is not None:
+        implied.append(("the legacy bitsandbytes kwargs", legacy))
+    elif kwargs.get("quantization_config") is not None:
+        quantized = _precision_of_quantization(kwargs["quantization_config"])
+        if quantized is not None:
+            implied.append(("quantization_config", quantized))
+    dtype_keys = [k for k in ("dtype", "torch_dtype") if kwargs.get(k) not in (None, "auto")]
+    for key in dtype_keys:
+        floating = _precision_of_dtype(kwargs[key])
+        if floating is None:
+            raise LLMLoadUsageError(f"{key}={kwargs[key]!r} is not a float dtype: expected torch.float32, "
+                                    "torch.float16 or torch.bfloat16 (or precision=...)")
+        if not any(p in QUANTIZED_PRECISIONS for _, p in implied) and chosen not in QUANTIZED_PRECISIONS:
+            implied.append((f"{key}={kwargs[key]}", floating))
+    for source, meaning in implied:
+        if chosen is None:
+            chosen = meaning
+        elif chosen != meaning:
+            raise LLMLoadUsageError(
+                f"precision={precision!r} contradicts {source} (which mean{'s' if '=' in source else ''} "
+                f"{meaning!r}): pass one of them"
+            )
+    if chosen is not None and chosen not in QUANTIZED_PRECISIONS:
+        for key in dtype_keys:  # the precision sets dtype itself
+            kwargs.pop(key)
+    for key in ("dtype", "torch_dtype"):
+        if key in kwargs and kwargs[key] in (None, "auto") and chosen is not None:
+            kwargs.pop(key)
+    return chosen
+
+
+# Keyword arguments from_pretrained takes for itself; any other kwarg that names a config attribute
+# (num_labels=3, use_cache=False...) overrides the config, as from_pretrained does when it reads the config.
+_FROM_PRETRAINED_OWN = {
+    "adapter_kwargs", "adapter_name", "allow_all_kernels", "attn_implementation", "cache_dir", "commit_message",
+    "config", "create_pr", "device_map", "device_mesh", "disable_mmap", "distributed_config", "dtype",
+    "experts_implementation", "force_download", "fusion_config", "generation_config", "gguf_file",
+    "ignore_mismatched_sizes", "kernel_config", "key_mapping", "local_files_only", "max_memory",
+    "offload_buffers", "offload_folder", "output_loading_info", "proxies", "quantization_config", "revision",
+    "state_dict", "subfolder", "token", "torch_dtype", "tp_plan", "tp_size", "tqdm_class", "trust_remote_code",
+    "use_kernels", "use_safetensors", "variant", "weights_only",
+}
+
+
+def apply_config_overrides(config: Any, kwargs: dict[str, Any]) -> Any:
+    """Move kwargs that name config attributes onto a copy of ``config`` (mutates ``kwargs``)."""
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in _FROM_PRETRAINED_OWN and hasattr(config, k)}
+    if not overrides:
+        return config
+    import copy
+
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        current = getattr(config, key)
+        if isinstance(value, dict) and hasattr(current, "to_dict") and hasattr(current, "__class__"):
+            value = current.__class__(**{**current.to_dict(), **value})
+        setattr(config, key, value)
+    return config
+
+
 def local_process_index() -> int:
     """The process's index on its node under ``accelerate launch`` or ``torchrun`` (0 otherwise)."""
     for var in ("LOCAL_RANK", "ACCELERATE_LOCAL_PROCESS_INDEX", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
+        if is_whole_number(os.environ.get(var, "")):
             return int(os.environ[var])
     return 0
 
@@ -256,12 +343,7 @@ def load_model(
     """
     spec = parse_model(model)
     info = info if info is not None else LoadInfo()
-    legacy_precision = translate_legacy_kwargs(kwargs)
-    if precision is not None and legacy_precision is not None and parse_precision(precision) != legacy_precision:
-        raise LLMLoadUsageError(
-            f"precision={precision!r} contradicts the legacy bitsandbytes kwargs (which mean {legacy_precision!r})"
-        )
-    precision = parse_precision(precision) if precision is not None else (legacy_precision or "auto")
+    precision = reconcile_precision(precision, kwargs) or "auto"
     budget = parse_max_memory(max_memory)
 
     resolved_map = resolve_device_map(parse_device_map(device_map)) if device_map is not None else None
@@ -272,6 +354,7 @@ def load_model(
 
     # The config is read once here (or given, already read) and handed to from_pretrained, not re-read.
     config = config if config is not None else load_config(spec, trust_remote_code=trust_remote_code)
+    config = apply_config_overrides(config, kwargs)
     cls = model_class_for(config, model_class)
     source = resolve_source(spec)
 
@@ -294,6 +377,13 @@ def load_model(
         call["dtype"] = getattr(torch, _DTYPES[precision])
     elif precision == "auto":
         call["dtype"] = "auto"
+    if precision in QUANTIZED_PRECISIONS or kwargs.get("quantization_config") is not None:
+        from .hardware import import_bitsandbytes
+
+        try:
+            import_bitsandbytes()  # quietly, before transformers' quantizer imports it
+        except ImportError:
+            pass  # transformers says what is missing
     if precision in QUANTIZED_PRECISIONS and kwargs.get("quantization_config") is None:
         devices = map_devices(resolved_map)
         overrides = {}
@@ -315,7 +405,8 @@ def load_model(
         call["offload_folder"] = own_folder
     info.offload_folder = call.get("offload_folder")
     try:
-        loaded = cls.from_pretrained(source, **call)
+        with quiet_loading():
+            loaded = cls.from_pretrained(source, **call)
     except BaseException as exc:
         if own_folder is not None:
             shutil.rmtree(own_folder, ignore_errors=True)
@@ -325,6 +416,49 @@ def load_model(
     if own_folder is not None:
         weakref.finalize(loaded, shutil.rmtree, own_folder, True)
     return loaded
+
+
+@contextmanager
+def quiet_loading():
+    """No "Loading weights" progress bars in every captured stderr, and no deprecation noise from
+    importing bitsandbytes (pytest-llmload chooses when that import happens, so it keeps it quiet)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    catcher = _LoadReportCatcher()
+    handlers = logging.getLogger("transformers").handlers
+    for handler in handlers:
+        handler.addFilter(catcher)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method.*", category=DeprecationWarning)
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(catcher)
+        if bars:
+            hf_logging.enable_progress_bar()
+    for report in catcher.reports:  # in the test's warnings, not on a worker's raw stderr after the summary
+        warnings.warn(report, UserWarning, stacklevel=3)
+
+
+class _LoadReportCatcher:
+    """A logging filter that takes transformers' LOAD REPORT (missing/unexpected keys) off the stream."""
+
+    def __init__(self) -> None:
+        self.reports: list[str] = []
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        import re
+
+        self.reports.append("transformers: " + re.sub(r"\x1b\[[0-9;]*m", "", message).strip())
+        return False
 
 
 def needs_offload_folder(device_map: Any, max_memory: Any = None) -> bool:

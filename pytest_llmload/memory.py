@@ -250,32 +250,74 @@ class _RssSampler(threading.Thread):
         return max(self.peak, _rss())
 
 
-@contextmanager
-def track_memory() -> Iterator[MemoryUsage]:
-    """Record peak memory inside the block; GPU peaks are reset on entry so blocks do not see each other."""
-    import sys
+class MemoryTracker:
+    """Peaks since :meth:`start`, readable at any time (:meth:`snapshot`) and final at :meth:`stop`.
 
-    usage = MemoryUsage()
-    torch = sys.modules.get("torch")
-    cuda = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
-    if cuda:
-        for index in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(index)
-    start_rss = _rss()
-    sampler = _RssSampler()
-    sampler.start()
-    start = time.perf_counter()
-    try:
-        yield usage
-    finally:
-        usage.seconds = time.perf_counter() - start
-        usage.cpu_peak_delta = max(sampler.stop() - start_rss, 0)
-        if cuda:
+    GPU peaks are reset on start, so trackers that follow each other do not see each other's peaks.
+    """
+
+    def __init__(self) -> None:
+        self.usage = MemoryUsage()
+        self._sampler: _RssSampler | None = None
+        self._start_rss = 0
+        self._start = 0.0
+
+    @staticmethod
+    def _cuda():
+        import sys
+
+        torch = sys.modules.get("torch")
+        return torch if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def start(self) -> "MemoryTracker":
+        torch = self._cuda()
+        if torch is not None:
+            for index in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(index)
+        self._start_rss = _rss()
+        self._sampler = _RssSampler()
+        self._sampler.start()
+        self._start = time.perf_counter()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._sampler is not None
+
+    def snapshot(self) -> MemoryUsage:
+        """Fill :attr:`usage` with the peaks so far (the tracker keeps running)."""
+        if self._sampler is None:
+            return self.usage
+        self._fill(max(self._sampler.peak, _rss()))
+        return self.usage
+
+    def stop(self) -> MemoryUsage:
+        if self._sampler is not None:
+            self._fill(self._sampler.stop())
+            self._sampler = None
+        return self.usage
+
+    def _fill(self, peak_rss: int) -> None:
+        usage = self.usage
+        usage.seconds = time.perf_counter() - self._start
+        usage.cpu_peak_delta = max(peak_rss - self._start_rss, 0)
+        torch = self._cuda()
+        if torch is not None:
             for index in range(torch.cuda.device_count()):
                 usage.gpu_allocated_peak[index] = int(torch.cuda.max_memory_allocated(index))
                 usage.gpu_reserved_peak[index] = int(torch.cuda.max_memory_reserved(index))
                 free, total = torch.cuda.mem_get_info(index)
                 usage.gpu_used[index] = int(total - free)
+
+
+@contextmanager
+def track_memory() -> Iterator[MemoryUsage]:
+    """Record peak memory inside the block; GPU peaks are reset on entry so blocks do not see each other."""
+    tracker = MemoryTracker().start()
+    try:
+        yield tracker.usage
+    finally:
+        tracker.stop()
 
 
 def saved_activation_bytes(model, inputs: dict[str, Any]) -> int:
@@ -300,21 +342,24 @@ def saved_activation_bytes(model, inputs: dict[str, Any]) -> int:
 
 
 class MemoryRecorder:
-    """What the ``llm_memory`` fixture gives: the whole test's peaks in ``.usage``, blocks with ``.track()``."""
+    """What the ``llm_memory`` fixture gives: the whole test's peaks in ``.usage``, blocks with ``.track()``.
+
+    ``.usage`` is live: read during the test, it holds the peaks so far; the plugin records the whole
+    test's peaks when the test body ends (in the JSON report's ``tests`` and the report's user_properties).
+    """
 
     def __init__(self) -> None:
-        self.usage = MemoryUsage()
-        self._context = None
+        self._tracker = MemoryTracker()
+
+    @property
+    def usage(self) -> MemoryUsage:
+        return self._tracker.snapshot()
 
     def start(self) -> None:
-        self._context = track_memory()
-        self.usage = self._context.__enter__()
+        self._tracker.start()
 
     def stop(self) -> MemoryUsage:
-        if self._context is not None:
-            self._context.__exit__(None, None, None)
-            self._context = None
-        return self.usage
+        return self._tracker.stop()
 
     def track(self):
         return track_memory()

@@ -25,9 +25,40 @@ DEVICE_MAP_ACCEPTED = (
     "a JSON object such as '{\"\": 0}' or @file.json"
 )
 # Devices a custom map may name: cpu, disk, meta, an accelerator index or "<type>[:N]".
-_DEVICE_RE = re.compile(r"^(cpu|disk|meta|(cuda|xpu|npu|mps|hpu|mlu)(:\d+)?)$")
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_DEVICE_RE = re.compile(r"^(cpu|disk|meta|(cuda|xpu|npu|mps|hpu|mlu)(:[0-9]+)?)$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$", re.ASCII)
 BUILTIN_PREFIX = "builtin:"
+# Devices a map that pytest-llmload loads may name (mps, xpu, npu... are refused at start-up).
+LOADABLE_DEVICES = "cpu, disk, cuda, cuda:N or a GPU index N"
+_LOADABLE_RE = re.compile(r"^(cpu|disk|cuda(:[0-9]+)?)$")
+
+
+def is_whole_number(text: Any) -> bool:
+    """ASCII digits only: ``"2"`` yes; ``"²"`` and ``"٣"`` (which ``str.isdigit`` accepts) no."""
+    return isinstance(text, str) and re.fullmatch(r"[0-9]+", text) is not None
+
+
+def parse_count(value: Any, option: str, *, minimum: int = 0, accepted: str | None = None) -> int:
+    """The one parser of whole numbers users write (counts, indices): ASCII digits, at least ``minimum``."""
+    accepted = accepted or f"a whole number >= {minimum}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and is_whole_number(value.strip()):
+        number = int(value.strip())
+    else:
+        raise LLMLoadUsageError(f"invalid {option} value {value!r}: expected {accepted}")
+    if number < minimum:
+        raise LLMLoadUsageError(f"invalid {option} value {value!r}: expected {accepted}")
+    return number
+
+
+def unique(values: Iterable) -> list:
+    """``values`` without repeats, first occurrence kept (values compare by meaning once parsed)."""
+    out: list = []
+    for value in values:
+        if value not in out:
+            out.append(value)
+    return out
 
 
 def parse_precision(value: str) -> str:
@@ -58,8 +89,25 @@ def check_device(device: Any, *, where: str = "") -> int | str:
     return device
 
 
+def _loadable_device(device: Any, where: str) -> int | str:
+    """A device a loaded map may use, canonical: GPU index as int (``"cuda:1"``, ``"1"`` -> 1), cpu, disk."""
+    if isinstance(device, str) and is_whole_number(device.strip()):
+        device = int(device.strip())
+    device = check_device(device, where=where)
+    if isinstance(device, int):
+        return device
+    if not _LOADABLE_RE.match(device):
+        raise LLMLoadUsageError(
+            f"unsupported device {device!r}{where}: pytest-llmload loads on {LOADABLE_DEVICES}"
+            + (" ('meta' would load a model without weights)" if device == "meta" else "")
+        )
+    if device.startswith("cuda"):
+        return int(device.split(":")[1]) if ":" in device else 0
+    return device
+
+
 def check_device_map_dict(mapping: Any, *, source: str = "device map") -> dict[str, int | str]:
-    """Check the shape of a custom device map: module names (str) to devices."""
+    """Check a custom device map: module names (str) to loadable devices, canonical (GPUs as indices)."""
     if not isinstance(mapping, dict) or not mapping:
         raise LLMLoadUsageError(
             f"invalid {source} {mapping!r}: expected a non-empty JSON object of module name -> device"
@@ -68,7 +116,7 @@ def check_device_map_dict(mapping: Any, *, source: str = "device map") -> dict[s
     for name, device in mapping.items():
         if not isinstance(name, str):
             raise LLMLoadUsageError(f"invalid {source}: module name {name!r} is not a string")
-        checked[name] = check_device(device, where=f" for module {name!r} in {source}")
+        checked[name] = _loadable_device(device, f" for module {name!r} in {source}")
     return checked
 
 
@@ -77,13 +125,14 @@ class DeviceMapSpec:
     """A parsed ``--llm-device-map`` value.
 
     ``kind`` is ``strategy`` (auto, balanced, ...), ``device`` (the whole model on one device),
-    ``process`` (one copy per process, resolved at load time) or ``custom`` (a dict).
+    ``process`` (one copy per process, resolved at load time) or ``custom`` (a dict). Values are
+    canonical, so ``0``, ``cuda``, ``cuda:0`` and ``{"": 0}`` are one and the same spec.
     """
 
     kind: str
     value: Any
-    label: str
-    source: str = ""
+    label: str = field(compare=False)
+    source: str = field(default="", compare=False)
 
     def as_user_value(self) -> Any:
         """The map as a user would pass it to ``from_pretrained`` (``process`` stays symbolic)."""
@@ -104,20 +153,38 @@ def _map_label(mapping: dict) -> str:
         if device not in devices:
             devices.append(device)
     digest = hashlib.sha1(json.dumps(mapping, sort_keys=True).encode()).hexdigest()[:6]
-    return "map-" + "+".join(str(d).replace(":", "") for d in devices) + "-" + digest
+    return "map-" + "+".join(str(d) for d in devices) + "-" + digest
 
 
-def parse_device_map(value: Any) -> DeviceMapSpec:
-    """Parse a device map as given on the command line, in ini, a marker or ``llm_load``."""
+def _device_label(device: int | str) -> str:
+    return f"cuda{device}" if isinstance(device, int) else device
+
+
+def _custom(mapping: dict, label: str, source: str = "") -> DeviceMapSpec:
+    if list(mapping) == [""]:
+        return _single_device(mapping[""])
+    return DeviceMapSpec("custom", tuple(mapping.items()), label, source=source)
+
+
+def _resolve_path(text: str, base: str | os.PathLike | None) -> Path:
+    path = Path(text).expanduser()
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return path
+
+
+def parse_device_map(value: Any, *, base: str | os.PathLike | None = None) -> DeviceMapSpec:
+    """Parse a device map as given on the command line, in ini, a marker or ``llm_load``.
+
+    ``base`` is the folder a relative ``@file.json`` is read from (default: the current directory).
+    """
     if isinstance(value, DeviceMapSpec):
         return value
     if isinstance(value, dict):
         mapping = check_device_map_dict(value)
-        if list(mapping) == [""]:
-            return _single_device(mapping[""], str(value))
-        return DeviceMapSpec("custom", tuple(mapping.items()), _map_label(mapping))
+        return _custom(mapping, _map_label(mapping))
     if isinstance(value, int) and not isinstance(value, bool):
-        return _single_device(check_device(value), str(value))
+        return _single_device(_loadable_device(value, ""))
     if not isinstance(value, str) or not value.strip():
         raise LLMLoadUsageError(f"invalid device map {value!r}: expected {DEVICE_MAP_ACCEPTED}")
     text = value.strip()
@@ -125,42 +192,35 @@ def parse_device_map(value: Any) -> DeviceMapSpec:
         return DeviceMapSpec("strategy", text, text)
     if text == "process":
         return DeviceMapSpec("process", "process", "process")
-    if text.isdigit():
-        return _single_device(int(text), text)
     if text.startswith("@"):
-        path = Path(text[1:]).expanduser()
+        path = _resolve_path(text[1:], base)
         try:
             raw = path.read_text()
-        except OSError as exc:
-            raise LLMLoadUsageError(
-                f"invalid device map {text!r}: cannot read {path} ({exc.strerror or exc})"
-            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise LLMLoadUsageError(f"invalid device map {text!r}: cannot read {path} ({reason})") from None
         try:
             mapping = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise LLMLoadUsageError(
-                f"invalid device map file {path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-            ) from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            where = f" ({exc.msg} at line {exc.lineno} column {exc.colno})" if isinstance(
+                exc, json.JSONDecodeError) else " (nested too deeply)"
+            raise LLMLoadUsageError(f"invalid device map file {path}: not valid JSON{where}") from None
         mapping = check_device_map_dict(mapping, source=f"device map file {path}")
-        if list(mapping) == [""]:
-            return _single_device(mapping[""], text)
-        return DeviceMapSpec("custom", tuple(mapping.items()), path.stem, source=str(path))
+        return _custom(mapping, path.stem, source=str(path))
     if text.startswith("{"):
         try:
             mapping = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LLMLoadUsageError(
-                f"invalid device map {text!r}: not valid JSON ({exc.msg} at column {exc.colno})"
-            ) from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            where = f" ({exc.msg} at column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+            raise LLMLoadUsageError(f"invalid device map {text!r}: not valid JSON{where}") from None
         return parse_device_map(mapping)
-    if _DEVICE_RE.match(text):
-        return _single_device(text, text)
+    if is_whole_number(text) or _DEVICE_RE.match(text):
+        return _single_device(_loadable_device(text, ""))
     raise LLMLoadUsageError(f"invalid device map {text!r}: expected {DEVICE_MAP_ACCEPTED}")
 
 
-def _single_device(device: int | str, text: str) -> DeviceMapSpec:
-    label = device if isinstance(device, str) else f"cuda{device}"
-    return DeviceMapSpec("device", device, label.replace(":", ""))
+def _single_device(device: int | str) -> DeviceMapSpec:
+    return DeviceMapSpec("device", device, _device_label(device))
 
 
 @dataclass(frozen=True)
@@ -169,20 +229,24 @@ class ModelSpec:
 
     kind: str  # builtin | path | hub
     source: str  # builtin name, absolute path or hub id
-    label: str
+    label: str = field(compare=False)
 
     @property
     def text(self) -> str:
         return BUILTIN_PREFIX + self.source if self.kind == "builtin" else self.source
 
 
-def _looks_like_path(text: str) -> bool:
+def _looks_like_path(text: str, base: str | os.PathLike | None = None) -> bool:
     # A hub id is "name" or "org/name"; anything else with separators is meant as a local path.
-    return text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text or os.path.exists(text)
+    return (text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text
+            or _resolve_path(text, base).exists())
 
 
-def parse_model(value: Any) -> ModelSpec:
-    """Parse a model reference: ``builtin:NAME``, an existing directory, or a hub id ``org/name``."""
+def parse_model(value: Any, *, base: str | os.PathLike | None = None) -> ModelSpec:
+    """Parse a model reference: ``builtin:NAME``, an existing directory, or a hub id ``org/name``.
+
+    ``base`` is the folder a relative path is resolved against (default: the current directory).
+    """
     from .builtin import BUILTIN_MODELS
 
     if isinstance(value, ModelSpec):
@@ -202,8 +266,8 @@ def parse_model(value: Any) -> ModelSpec:
                 + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
             )
         return ModelSpec("builtin", name, name)
-    if _looks_like_path(text):
-        path = Path(text).expanduser()
+    if _looks_like_path(text, base):
+        path = _resolve_path(text, base)
         if not path.exists():
             raise LLMLoadUsageError(f"model path {text!r} does not exist: expected a checkpoint directory")
         if not path.is_dir():
@@ -247,16 +311,12 @@ def parse_max_memory(value: Any) -> dict[int | str, int] | None:
         )
     budget: dict[int | str, int] = {}
     for device, size in items:
-        if isinstance(device, str) and device.isdigit():
-            device = int(device)
         try:
-            device = check_device(device, where=" in max memory")
+            device = _loadable_device(device, " in max memory")
         except LLMLoadUsageError:
             raise LLMLoadUsageError(
                 f"invalid max memory {value!r}: device {device!r} is not a GPU index, 'cpu', 'disk' or 'cuda:N'"
             ) from None
-        if isinstance(device, str) and device.startswith("cuda:"):
-            device = int(device.split(":")[1])
         try:
             budget[device] = parse_size(size)
         except LLMLoadUsageError as exc:

@@ -148,9 +148,9 @@ def test_strict_mode_turns_hardware_skips_into_failures(pytester):
     result.assert_outcomes(passed=3, errors=3)  # failures at setup, so pytest counts them as errors
     result.stdout.fnmatch_lines([
         "*llmload: missing hardware (--llm-require-gpus)*",
-        "FAILED *test_cell[[]tiny-llama-cuda1-fp32[]]: device map cuda1 needs cuda:1; found none",
-        "FAILED *test_two_big_gpus: needs 2 GPUs with >= 40.0 GiB each; found none",
-        "FAILED *test_one_gpu: needs 1 GPU; found none",
+        "ERROR *test_cell[[]tiny-llama-cuda1-fp32[]]: device map cuda1 needs cuda:1; found none",
+        "ERROR *test_two_big_gpus: needs 2 GPUs with >= 40.0 GiB each; found none",
+        "ERROR *test_one_gpu: needs 1 GPU; found none",
     ])
 
 

@@ -59,8 +59,8 @@ def test_unknown_precision_names_the_accepted_values():
         ("balanced_low_0", "strategy", "balanced_low_0", "balanced_low_0"),
         ("sequential", "strategy", "sequential", "sequential"),
         ("cpu", "device", {"": "cpu"}, "cpu"),
-        ("cuda", "device", {"": "cuda"}, "cuda"),
-        ("cuda:1", "device", {"": "cuda:1"}, "cuda1"),
+        ("cuda", "device", {"": 0}, "cuda0"),  # one device, one spelling: 0, cuda and cuda:0 are one cell
+        ("cuda:1", "device", {"": 1}, "cuda1"),
         ("2", "device", {"": 2}, "cuda2"),
         (3, "device", {"": 3}, "cuda3"),
         ("process", "process", "process", "process"),

@@ -1,0 +1,117 @@
+"""The plugin's markers, one plain function each: its real signature checks the arguments.
+
+``MARKERS`` is the registry (as in pytest-memray): the marker's help line is generated from the
+function, Python's own binding rejects wrong arguments, and the body checks the values. Each returns
+the marker's parsed arguments. :func:`parse_mark` turns any problem into one line naming the marker
+and the test.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable
+
+from .errors import LLMLoadUsageError
+
+
+def llm(*, models: Any = None, device_maps: Any = None, precisions: Any = None) -> dict[str, list]:
+    """this test's own matrix of models, device maps and precisions (None: the command line's)"""
+    from .specs import parse_device_map, parse_model, parse_precision, unique
+
+    axes: dict[str, list] = {}
+    for axis, values, parse in (("models", models, parse_model), ("device_maps", device_maps, parse_device_map),
+                                ("precisions", precisions, parse_precision)):
+        if values is None:
+            continue
+        if isinstance(values, (str, dict, int)) and not isinstance(values, bool):
+            values = [values]
+        if not isinstance(values, (list, tuple)):
+            raise LLMLoadUsageError(f"{axis}={values!r}: expected a value or a list of values")
+        if not values:
+            raise LLMLoadUsageError(f"{axis}=... is empty")
+        axes[axis] = unique(parse(v) for v in values)
+    return axes
+
+
+def requires_gpus(n: int = 1, *, memory: Any = None) -> tuple[int, int | None]:
+    """skip unless n visible GPUs, each with at least `memory` (e.g. '24 GiB')"""
+    from .sizes import parse_size
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise LLMLoadUsageError(f"n must be a whole number >= 1, got {n!r}")
+    return n, (_size(memory, parse_size) if memory is not None else None)
+
+
+def requires_bitsandbytes() -> None:
+    """skip unless bitsandbytes is installed and has a working backend here"""
+    return None
+
+
+def max_footprint(limit: Any) -> int:
+    """fail if the llm_model the test used has a larger get_memory_footprint()"""
+    from .sizes import parse_size
+
+    return _size(limit, parse_size)
+
+
+def _size(value: Any, parse_size: Callable[[Any], int]) -> int:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LLMLoadUsageError(f"invalid size {value!r}: expected a finite size such as '2 GiB'")
+    try:
+        return parse_size(value)
+    except (OverflowError, ValueError, TypeError) as exc:
+        if isinstance(exc, LLMLoadUsageError):
+            raise
+        raise LLMLoadUsageError(f"invalid size {value!r}: expected a size such as '2 GiB'") from None
+
+
+MARKERS: dict[str, Callable[..., Any]] = {
+    "llm": llm,
+    "requires_gpus": requires_gpus,
+    "requires_bitsandbytes": requires_bitsandbytes,
+    "max_footprint": max_footprint,
+}
+
+
+def register(name: str, function: Callable[..., Any]) -> None:
+    """Add a marker (another module of the plugin owns its function)."""
+    MARKERS[name] = function
+
+
+def signature_text(function: Callable[..., Any]) -> str:
+    """``(n=1, *, memory=None)``: the signature as a user writes the marker (no annotations)."""
+    signature = inspect.signature(function)
+    plain = signature.replace(parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+                              return_annotation=signature.empty)
+    return str(plain)
+
+
+def help_lines() -> list[str]:
+    """``name(signature): help`` for ``config.addinivalue_line("markers", ...)``."""
+    lines = []
+    for name, function in MARKERS.items():
+        signature = signature_text(function)
+        if signature == "()":
+            signature = ""
+        lines.append(f"{name}{signature}: {(function.__doc__ or '').strip().splitlines()[0]}")
+    return lines
+
+
+def _call_text(name: str, args: tuple, kwargs: dict) -> str:
+    return f"@pytest.mark.{name}(" + ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]) + ")"
+
+
+def parse_mark(mark: Any, where: str) -> Any:
+    """The parsed arguments of ``mark`` (a ``pytest.Mark``), or one :class:`LLMLoadUsageError` line
+    naming the test, the marker as written and the problem."""
+    function = MARKERS[mark.name]
+    call = _call_text(mark.name, mark.args, mark.kwargs)
+    try:
+        inspect.signature(function).bind(*mark.args, **mark.kwargs)
+    except TypeError as exc:
+        raise LLMLoadUsageError(f"{where}: {call}: {exc}; expected {mark.name}{signature_text(function)}") from None
+    try:
+        return function(*mark.args, **mark.kwargs)
+    except LLMLoadUsageError as exc:
+        raise LLMLoadUsageError(f"{where}: {call}: {exc}") from None
