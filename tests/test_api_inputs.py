@@ -60,6 +60,17 @@ def test_input_device_when_the_whole_model_is_on_disk(gpt2_tokenizer, tmp_path):
     _generate(model, gpt2_tokenizer)
 
 
+def test_input_device_follows_the_outermost_accelerate_hook():
+    """Where accelerate moves the inputs wins over where parameters are (a GPU main device beside cpu weights)."""
+    from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook, add_hook_to_module
+
+    outer = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    add_hook_to_module(outer[1], AlignDevicesHook(execution_device="cpu"))
+    assert input_device(outer) == torch.device("cpu")
+    add_hook_to_module(outer, SequentialHook(ModelHook(), AlignDevicesHook(execution_device="meta", io_same_device=True)))
+    assert input_device(outer) == torch.device("meta")  # params are on cpu; the root's hook says meta
+
+
 def test_input_device_of_a_model_without_weights():
     with torch.device("meta"):
         module = torch.nn.Linear(2, 2)
