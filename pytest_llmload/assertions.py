@@ -93,7 +93,8 @@ def assert_device_map(model, expected: Any = None, *, devices: Iterable[Any] | A
     problems = []
     if expected:
         tensors = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-        known = {n for n, _ in model.named_modules()} | set(tensors)
+        known = {n for n, _ in model.named_modules()} | set(tensors) | {  # tied weights under every name
+            n for n, _ in model.named_parameters(remove_duplicate=False)}
         missing_modules = [entry for entry in expected if entry not in known]
         for entry in missing_modules:
             problems.append(f"  {entry!r} names no module of {type(model).__name__}{_suggest(entry, known)}")

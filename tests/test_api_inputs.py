@@ -152,6 +152,7 @@ def test_device_map_reports_a_missing_module_beside_real_mismatches(tmp_path):
                for line in lines)
     assert not any(line.strip().startswith("transformer.h.7") for line in lines)
     assert_device_map(model, {"transformer.h.1": "disk", "transformer.h.1.mlp.c_fc.weight": "disk"})  # tensors exist
+    assert_device_map(model, {"lm_head.weight": "cpu"})  # a tied weight, under its second name
 
 
 # -- item 11: sizes ------------------------------------------------------------------------------------
