@@ -329,7 +329,8 @@ def assert_int8_trainable(model, inputs: Any = None) -> None:
     outputs require grad or checkpointing is non-reentrant; there are trainable adapter parameters and
     every base weight is frozen; one forward and backward on a tiny batch gives finite gradients that
     are non-zero where they must be (LoRA B matrices; A gets no gradient while B is still zero), and
-    none on frozen weights. Gradients are cleared afterwards.
+    none on frozen weights. Gradients are cleared afterwards. ``inputs`` (default: a small deterministic
+    batch) takes the forms :func:`assert_outputs_close` takes.
     """
     import torch
 
@@ -523,7 +524,8 @@ def as_batch(model, inputs: Any, where: str) -> dict[str, Any]:
     import torch
 
     if isinstance(inputs, torch.Tensor):
-        if inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool or inputs.dim() not in (1, 2):
+        token_ids = not (inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool)
+        if not token_ids or inputs.dim() not in (1, 2):
             raise TypeError(f"{where}: inputs is a {inputs.dim()}-D {inputs.dtype} tensor; a tensor is taken as "
                             "input_ids and must hold integer token ids, shaped (batch, length) or (length,)")
         batch: dict[str, Any] = {"input_ids": inputs if inputs.dim() == 2 else inputs.unsqueeze(0)}

@@ -67,7 +67,8 @@ def test_input_device_follows_the_outermost_accelerate_hook():
     outer = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     add_hook_to_module(outer[1], AlignDevicesHook(execution_device="cpu"))
     assert input_device(outer) == torch.device("cpu")
-    add_hook_to_module(outer, SequentialHook(ModelHook(), AlignDevicesHook(execution_device="meta", io_same_device=True)))
+    root_hook = SequentialHook(ModelHook(), AlignDevicesHook(execution_device="meta", io_same_device=True))
+    add_hook_to_module(outer, root_hook)
     assert input_device(outer) == torch.device("meta")  # params are on cpu; the root's hook says meta
 
 
