@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_tokenizer": "loading",
     "load_config": "loading",
     "effective_device_map": "loading",
+    "input_device": "devices",
     "parse_size": "sizes",
     "format_size": "sizes",
     "LLMSpec": "specs",

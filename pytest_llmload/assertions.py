@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .devices import execution_order_hops, normalize_device, resolve
+from .devices import execution_order_hops, input_device, normalize_device, resolve
 from .sizes import format_size, parse_size
 
 # Default tolerance of assert_outputs_close, as a share of the reference's largest magnitude.
@@ -53,40 +53,69 @@ def device_hops(model) -> int:
     return execution_order_hops([device_map[e] for e in _execution_order(model, device_map)])
 
 
-def assert_device_map(model, expected: Any = None, *, devices: Iterable[Any] | None = None,
+def assert_device_map(model, expected: Any = None, *, devices: Iterable[Any] | Any = None,
                       exact: bool = False, max_hops: int | None = None) -> None:
     """Assert where ``model`` is placed.
 
     ``expected`` maps modules or prefixes to devices (``{"model.layers.0": 0, "lm_head": "cpu"}``), or
-    is a set of devices that must be used; ``devices=`` gives that set beside a dict. Devices compare by
-    meaning (``0 == "cuda:0" == torch.device("cuda", 0)``). With ``exact``, every parameter must be where
-    the expected map puts it and no other device may be used. ``max_hops`` bounds :func:`device_hops`.
+    is a set of devices that must be used; ``devices=`` gives that set beside a dict. A single device
+    (``"cpu"``, ``0``, ``torch.device("cuda", 0)``) is the set of that one device. Devices compare by
+    meaning (``0 == "cuda:0" == torch.device("cuda", 0)``). A module in ``expected`` that the model does
+    not have fails the assertion. With ``exact``, every parameter must be where the expected map puts it
+    and no other device may be used. ``max_hops`` bounds :func:`device_hops`.
     """
-    actual = _effective_map(model)
+    from .errors import LLMLoadUsageError
+
+    if _is_device(expected):
+        expected = {expected}
     if isinstance(expected, (set, frozenset, list, tuple)):
+        if devices is not None:
+            raise LLMLoadUsageError("assert_device_map: give the set of devices once, as expected= or as devices=")
         devices, expected = expected, None
+    if expected is not None and not isinstance(expected, dict):
+        raise LLMLoadUsageError(
+            f"assert_device_map: expected={expected!r} ({type(expected).__name__}) is not accepted; expected a dict "
+            "of module -> device, a set of devices, or one device")
+    if devices is not None:
+        devices = [devices] if _is_device(devices) else devices
+        if not isinstance(devices, (set, frozenset, list, tuple)):
+            raise LLMLoadUsageError(
+                f"assert_device_map: devices={devices!r} ({type(devices).__name__}) is not accepted; expected a "
+                "device ('cpu', 0, 'cuda:1', a torch.device) or a set of them")
+        wanted = sorted({_device_name(d, "devices") for d in devices})
+    expected_names = {entry: _device_name(device, f"expected[{entry!r}]") for entry, device in (expected or {}).items()}
+    for entry in expected_names:
+        if not isinstance(entry, str):
+            raise LLMLoadUsageError(f"assert_device_map: expected key {entry!r} is not a module name (a string)")
+
+    actual = _effective_map(model)
     mismatches: list[tuple[str, str, str]] = []
+    problems = []
     if expected:
         tensors = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-        checks = tensors if exact else list(expected)
+        known = {n for n, _ in model.named_modules()} | set(tensors) | {  # tied weights under every name
+            n for n, _ in model.named_parameters(remove_duplicate=False)}
+        missing_modules = [entry for entry in expected if entry not in known]
+        for entry in missing_modules:
+            problems.append(f"  {entry!r} names no module of {type(model).__name__}{_suggest(entry, known)}")
+        present = {entry: device for entry, device in expected.items() if entry in known}
+        checks = tensors if exact else list(present)
         for name in checks:
-            entry, want = resolve(expected, name)
+            entry, _ = resolve(present, name)
             if entry is None:
                 if exact:
                     mismatches.append((name, "(not in expected)", _where(actual, name, tensors)))
                 continue
-            want_name = normalize_device(want)
+            want_name = expected_names[entry]
             got = _where(actual, name, tensors)
             if got != want_name:
                 mismatches.append((entry if not exact else name, want_name, got))
         if exact:
             mismatches = _collapse(mismatches)
     used = sorted({normalize_device(d) for d in actual.values()})
-    problems = []
     if mismatches:
-        problems.append(_table(mismatches, ("module", "expected", "actual")))
+        problems.insert(0, _table(mismatches, ("module", "expected", "actual")))
     if devices is not None:
-        wanted = sorted({normalize_device(d) for d in devices})
         missing = [d for d in wanted if d not in used]
         extra = [d for d in used if d not in wanted] if exact else []
         if missing or extra:
@@ -103,6 +132,39 @@ def assert_device_map(model, expected: Any = None, *, devices: Iterable[Any] | N
             problems.append(f"  {hops} device hops in execution order, at most {max_hops} allowed: {path}")
     if problems:
         _fail(f"device map of {type(model).__name__} is not as expected", *problems)
+
+
+def _is_device(value: Any) -> bool:
+    """One device (``"cpu"``, ``0``, a ``torch.device``) rather than a collection of them."""
+    return (isinstance(value, (str, int)) and not isinstance(value, bool)) or (
+        hasattr(value, "type") and hasattr(value, "index"))
+
+
+def _device_name(device: Any, where: str) -> str:
+    from .errors import LLMLoadUsageError
+
+    from .specs import check_device
+
+    try:
+        return check_device(normalize_device(device))
+    except ValueError:
+        raise LLMLoadUsageError(
+            f"assert_device_map: {where}: {device!r} is not a device; expected an index, a name such as "
+            "'cuda:0' or 'cpu', or a torch.device") from None
+
+
+def _suggest(name: str, known: set[str]) -> str:
+    """A hint after "names no module": the blocks a numbered container has, or a near miss."""
+    import difflib
+
+    parent, _, last = name.rpartition(".")
+    if last.isdigit() and parent in known:
+        numbers = sorted(int(k[len(parent) + 1:]) for k in known
+                         if k.startswith(parent + ".") and k[len(parent) + 1:].isdigit())
+        if numbers:
+            return f" ({parent} has {len(numbers)}: {numbers[0]}..{numbers[-1]})"
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _where(device_map: dict[str, Any], name: str, tensors: list[str]) -> str:
@@ -237,21 +299,12 @@ def default_inputs(model, batch: int = 2, length: int = 8) -> dict[str, Any]:
 
     config = model.config
     vocab = getattr(config, "vocab_size", None) or 100
-    device = _first_device(model)
+    device = input_device(model)
     ids = (torch.arange(batch * length).reshape(batch, length) * 7 + 3) % max(vocab - 1, 1) + 1
     inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids[:, : max(length // 2, 1)].to(device)
     return inputs
-
-
-def _first_device(model):
-    import torch
-
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.device.type != "meta":
-            return tensor.device
-    return torch.device("cpu")
 
 
 def _output_tensor(output) -> Any:
@@ -268,7 +321,7 @@ def _is_adapter(name: str) -> bool:
     return any(key in name for key in ("lora_", "modules_to_save", "adapter", "prompt_encoder", "ia3_", "vera_"))
 
 
-def assert_int8_trainable(model, inputs: dict[str, Any] | None = None) -> None:
+def assert_int8_trainable(model, inputs: Any = None) -> None:
     """Assert that a quantized (int8 or 4-bit) model is set up for adapter training, and that it trains.
 
     Checks, in order: the model is really quantized; non-quantized parameters are fp32 (what
@@ -276,7 +329,8 @@ def assert_int8_trainable(model, inputs: dict[str, Any] | None = None) -> None:
     outputs require grad or checkpointing is non-reentrant; there are trainable adapter parameters and
     every base weight is frozen; one forward and backward on a tiny batch gives finite gradients that
     are non-zero where they must be (LoRA B matrices; A gets no gradient while B is still zero), and
-    none on frozen weights. Gradients are cleared afterwards.
+    none on frozen weights. Gradients are cleared afterwards. ``inputs`` (default: a small deterministic
+    batch) takes the forms :func:`assert_outputs_close` takes.
     """
     import torch
 
@@ -319,7 +373,8 @@ def assert_int8_trainable(model, inputs: dict[str, Any] | None = None) -> None:
     model.train()
     model.zero_grad(set_to_none=True)
     try:
-        batch = inputs if inputs is not None else default_inputs(model)
+        batch = (_to(as_batch(model, inputs, "assert_int8_trainable"), input_device(model)) if inputs is not None
+                 else default_inputs(model))
         output = model(**batch)
         loss = getattr(output, "loss", None)
         if loss is None:
@@ -367,7 +422,7 @@ def _embeddings_require_grad(model) -> bool:
     import torch
 
     embeddings = model.get_input_embeddings()
-    device = embeddings.weight.device if embeddings.weight.device.type != "meta" else _first_device(model)
+    device = embeddings.weight.device if embeddings.weight.device.type != "meta" else input_device(model)
     with torch.enable_grad():
         out = embeddings(torch.ones(1, 2, dtype=torch.long, device=device))
     return bool(out.requires_grad)
@@ -413,20 +468,22 @@ def model_precision(model) -> str:
     return "fp32"
 
 
-def assert_outputs_close(model, reference, inputs: dict[str, Any] | None = None, *,
+def assert_outputs_close(model, reference, inputs: Any = None, *,
                          atol: float | None = None, rtol: float = 0.0) -> None:
     """Assert that ``model`` (split, offloaded, quantized) computes what ``reference`` computes.
 
-    Compares logits (or ``last_hidden_state``) on ``inputs`` (default: a small deterministic batch).
+    Compares logits (or ``last_hidden_state``) on ``inputs``: a tensor of token ids (``input_ids``), a
+    dict of model inputs, or a tokenizer's ``BatchEncoding`` (default: a small deterministic batch); each
+    model gets them on its :func:`input_device`.
     The default ``atol`` is a share of the reference's largest magnitude that depends on the looser
     precision of the two models (:data:`RELATIVE_TOLERANCE`: int8 is not fp32).
     """
     import torch
 
-    batch = inputs if inputs is not None else default_inputs(reference)
+    batch = as_batch(reference, inputs, "assert_outputs_close") if inputs is not None else default_inputs(reference)
     with torch.no_grad():
-        want = _output_tensor(reference(**_to(batch, _first_device(reference)))).float().cpu()
-        got = _output_tensor(model(**_to(batch, _first_device(model)))).float().cpu()
+        want = _output_tensor(reference(**_to(batch, input_device(reference)))).float().cpu()
+        got = _output_tensor(model(**_to(batch, input_device(model)))).float().cpu()
     if got.shape != want.shape:
         _fail(f"outputs differ in shape: {tuple(got.shape)} vs reference {tuple(want.shape)}")
     precisions = (model_precision(model), model_precision(reference))
@@ -452,3 +509,38 @@ def assert_outputs_close(model, reference, inputs: dict[str, Any] | None = None,
 
 def _to(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+_ACCEPTED_INPUTS = ("a tensor of token ids (input_ids), a dict of model inputs such as {'input_ids': ..., "
+                    "'attention_mask': ...}, or a tokenizer's BatchEncoding")
+
+
+def as_batch(model, inputs: Any, where: str) -> dict[str, Any]:
+    """``inputs`` as keyword arguments of ``model``: a tensor is ``input_ids`` (one sequence if 1-D), a dict
+    or ``BatchEncoding`` is used as it is; an encoder-decoder without decoder inputs gets the start of the
+    input ids as ``decoder_input_ids``, as :func:`default_inputs` does. Anything else is a ``TypeError``."""
+    import collections.abc
+
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        token_ids = not (inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool)
+        if not token_ids or inputs.dim() not in (1, 2):
+            raise TypeError(f"{where}: inputs is a {inputs.dim()}-D {inputs.dtype} tensor; a tensor is taken as "
+                            "input_ids and must hold integer token ids, shaped (batch, length) or (length,)")
+        batch: dict[str, Any] = {"input_ids": inputs if inputs.dim() == 2 else inputs.unsqueeze(0)}
+    elif isinstance(inputs, collections.abc.Mapping):  # a dict, or a BatchEncoding (a UserDict)
+        batch = dict(inputs.items())
+        bad = [k for k in batch if not isinstance(k, str)]
+        if bad or not batch:
+            raise TypeError(f"{where}: inputs {'has the key ' + repr(bad[0]) if bad else 'is empty'}; "
+                            f"expected {_ACCEPTED_INPUTS}")
+    else:
+        raise TypeError(f"{where}: inputs of type {type(inputs).__module__}.{type(inputs).__qualname__} "
+                        f"are not accepted; expected {_ACCEPTED_INPUTS}")
+    config = getattr(model, "config", None)
+    ids = batch.get("input_ids")
+    if (getattr(config, "is_encoder_decoder", False) and isinstance(ids, torch.Tensor) and ids.dim() == 2
+            and not {"decoder_input_ids", "decoder_inputs_embeds", "labels"} & set(batch)):
+        batch["decoder_input_ids"] = ids[:, : max(ids.shape[1] // 2, 1)]
+    return batch

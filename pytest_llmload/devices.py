@@ -59,3 +59,41 @@ def execution_order_hops(devices_in_order: list[Any]) -> int:
             hops += 1
         previous = name
     return hops
+
+
+def input_device(model: Any):
+    """The ``torch.device`` inputs go to for ``model``, under any device map, offload included.
+
+    For a model dispatched by accelerate (a map over several devices, or with cpu/disk offload) that is
+    the execution device of the first module that runs: the outermost module whose accelerate hook
+    names one (``dispatch_model`` gives the root a hook on its main device, which moves the inputs
+    there). ``model.device`` is not it: under disk offload the first parameters are on ``meta``.
+    Without hooks, it is the device of the first parameter or buffer that holds data (``meta`` only
+    for a model with no data at all).
+    """
+    import itertools
+
+    import torch
+
+    if not hasattr(model, "named_modules"):
+        raise TypeError(f"input_device needs a torch module (a loaded model), got {type(model).__name__}")
+    for _, module in model.named_modules():
+        device = _hook_execution_device(getattr(module, "_hf_hook", None))
+        if device is not None:
+            return device if isinstance(device, torch.device) else torch.device(device)
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    for tensor in tensors:
+        if tensor.device.type != "meta":
+            return tensor.device
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _hook_execution_device(hook: Any) -> Any:
+    """The execution device of an accelerate hook (looking inside a ``SequentialHook``), or None."""
+    if hook is None:
+        return None
+    for inner in getattr(hook, "hooks", None) or [hook]:
+        device = getattr(inner, "execution_device", None)
+        if device is not None:
+            return device
+    return None

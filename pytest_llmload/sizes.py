@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+import reprlib
 
 from .errors import LLMLoadUsageError
 
@@ -19,6 +21,10 @@ _UNITS = {
     "tib": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+_REPR = reprlib.Repr()  # a 400-digit typo is shown as its start, not in full
+_REPR.maxstring = _REPR.maxother = 40
+# No machine has 8 EiB of memory; larger values (or inf, from a float string with 400 digits) are typos.
+MAX_SIZE = 2**63 - 1
 ACCEPTED = "a number of bytes or a number with a unit, e.g. '24GiB', '500 MB' (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
 
 
@@ -28,17 +34,27 @@ def parse_size(value: int | float | str) -> int:
     Units follow transformers' ``max_memory`` convention: ``GB`` is 10**9 bytes, ``GiB`` is 2**30.
     """
     if isinstance(value, bool):
-        raise LLMLoadUsageError(f"invalid size {value!r}: expected {ACCEPTED}")
+        raise LLMLoadUsageError(f"invalid size {_REPR.repr(value)}: expected {ACCEPTED}")
     if isinstance(value, (int, float)):
-        if value < 0 or value != value:
-            raise LLMLoadUsageError(f"invalid size {value!r}: a size cannot be negative")
-        return int(value)
+        return _checked(value, value)
     if not isinstance(value, str):
-        raise LLMLoadUsageError(f"invalid size {value!r}: expected {ACCEPTED}")
+        raise LLMLoadUsageError(f"invalid size {_REPR.repr(value)}: expected {ACCEPTED}")
     match = _SIZE_RE.match(value)
     if not match or match.group(2).lower() not in _UNITS:
-        raise LLMLoadUsageError(f"invalid size {value!r}: expected {ACCEPTED}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise LLMLoadUsageError(f"invalid size {_REPR.repr(value)}: expected {ACCEPTED}")
+    return _checked(value, float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _checked(value: int | float | str, num_bytes: int | float) -> int:
+    """``num_bytes`` as an int, refused (naming ``value``) when negative, nan, infinite or over 8 EiB."""
+    if isinstance(num_bytes, float) and math.isnan(num_bytes):
+        raise LLMLoadUsageError(f"invalid size {_REPR.repr(value)}: not a number; expected {ACCEPTED}")
+    if num_bytes < 0:
+        raise LLMLoadUsageError(f"invalid size {_REPR.repr(value)}: a size cannot be negative")
+    if num_bytes > MAX_SIZE:
+        raise LLMLoadUsageError(f"invalid size {_REPR.repr(value)}: larger than any memory "
+                                f"(at most {MAX_SIZE} bytes, 8 EiB); expected {ACCEPTED}")
+    return int(num_bytes)
 
 
 def format_size(num_bytes: int | float) -> str:

@@ -52,11 +52,24 @@ _TREES: dict[Any, _Tree] = {}
 
 
 def module_tree(model: Any) -> _Tree:
-    """The module tree of ``model`` (built once per model, on the meta device for ids and configs)."""
+    """The module tree of ``model`` (built once per model, on the meta device for ids and configs).
+
+    A model that cannot be read (an unknown built-in, a missing path) is hypothesis' ``InvalidArgument``.
+    """
+    from .errors import LLMLoadError
+
     key = _model_key(model)
     if key not in _TREES:
-        _TREES[key] = _build_tree(model)
+        try:
+            _TREES[key] = _build_tree(model)
+        except LLMLoadError as exc:
+            raise InvalidArgument(f"model={_short(model)}: {exc}") from None
     return _TREES[key]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _build_tree(model: Any) -> _Tree:
@@ -92,10 +105,16 @@ def _build_tree(model: Any) -> _Tree:
     return _Tree(nodes[""], tied, blocks, nodes)
 
 
-def _check_devices(devices: Sequence[Any], *, name: str = "devices") -> list:
-    if isinstance(devices, (str, int)) or not devices:
-        raise InvalidArgument(f"{name}={devices!r}: expected a non-empty sequence such as (0, 1, 'cpu')")
-    checked = []
+def _check_devices(devices: Any, *, name: str = "devices") -> list:
+    """``devices`` as a list without repeats (by meaning), or ``InvalidArgument`` naming what is wrong."""
+    if not isinstance(devices, (list, tuple)) or not devices:
+        why = ("a single value, not a sequence of devices" if isinstance(devices, (str, bytes, bytearray, int))
+               else "unordered: examples shrink towards the first device, so the order matters"
+               if isinstance(devices, (set, frozenset)) else "empty" if isinstance(devices, (list, tuple))
+               else f"a {type(devices).__name__}, not a sequence of devices")
+        raise InvalidArgument(f"{name}={_short(devices)} is {why}; expected a non-empty list or tuple such as "
+                              "(0, 1, 'cpu')")
+    checked, seen = [], set()
     from .errors import LLMLoadUsageError
     from .specs import check_device
 
@@ -104,10 +123,16 @@ def _check_devices(devices: Sequence[Any], *, name: str = "devices") -> list:
             check_device(device)
         except LLMLoadUsageError:
             raise InvalidArgument(
-                f"{name}: {device!r} is not a device (an index, 'cpu', 'disk', 'meta', 'cuda:N')") from None
-        if device not in checked:
+                f"{name}: {_short(device)} is not a device (an index, 'cpu', 'disk', 'meta', 'cuda:N')") from None
+        if normalize_device(device) not in seen:
+            seen.add(normalize_device(device))
             checked.append(device)
     return checked
+
+
+def _check_flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{name}={_short(value)}: expected True or False")
 
 
 def _draw_entries(draw, node: _Node, devices: list, depth: int, max_depth: int | None) -> list[tuple[str, Any]]:
@@ -136,7 +161,7 @@ def device_maps(model: Any, *, devices: Sequence[Any] = ("cpu",), max_depth: int
     ``max_depth`` limits how deep maps may split (0: only ``{"": device}``).
     """
     devices = _check_devices(devices)
-    if max_depth is not None and (not isinstance(max_depth, int) or max_depth < 0):
+    if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0):
         raise InvalidArgument(f"max_depth={max_depth!r}: expected None or an int >= 0")
     tree = module_tree(model)
 
@@ -173,9 +198,10 @@ def invalid_device_maps(model: Any, *, devices: Sequence[Any] = ("cpu", "disk"),
     Kinds the model cannot show (no tied weights, no block with children, a single device) are left out.
     """
     devices = _check_devices(devices)
-    unknown = [k for k in kinds if k not in BREAKAGES]
-    if unknown or not kinds:
-        raise InvalidArgument(f"kinds={kinds!r}: expected a non-empty subset of {BREAKAGES}")
+    if not isinstance(kinds, (list, tuple, set, frozenset)) or not kinds or any(k not in BREAKAGES for k in kinds):
+        raise InvalidArgument(f"kinds={_short(kinds)}: expected a non-empty list or tuple of kinds from {BREAKAGES}"
+                              + (f", e.g. kinds=({kinds!r},)" if kinds in BREAKAGES else ""))
+    kinds = [k for k in BREAKAGES if k in kinds]  # a fixed order, whatever collection was given
     tree = module_tree(model)
     leaves = _finest(tree)
     containers = sorted(n.name for n in tree.nodes.values() if n.children and not n.atomic)
@@ -209,11 +235,19 @@ def invalid_device_maps(model: Any, *, devices: Sequence[Any] = ("cpu", "disk"),
             base[holders[-1]] = other
         else:  # unknown_device
             victim = draw(st.sampled_from(sorted(base)))
-            ints = [d for d in devices if isinstance(d, int)]
-            base[victim] = (max(ints) + 1) if ints else draw(st.sampled_from([0, "cuda:7"]))
+            base[victim] = stray
         return BrokenMap(kind, base)
 
+    stray = _unknown_device(devices)
     return _broken()
+
+
+def _unknown_device(devices: list) -> Any:
+    """A well-formed device outside ``devices``: the GPU after the highest one they name, or, when they
+    name none, ``cuda:64`` (more GPUs than one machine has, so it is unknown on any machine too)."""
+    gpus = [int(n.split(":")[1]) for n in map(normalize_device, devices) if n.startswith("cuda:")]
+    index = max(gpus) + 1 if gpus else 64
+    return index if any(isinstance(d, int) for d in devices) else f"cuda:{index}"
 
 
 def _tied_separable(group: frozenset, leaves: list[_Node]) -> bool:
@@ -234,6 +268,15 @@ def _possible(kind: str, tree: _Tree, leaves: list[_Node], devices: list) -> boo
     return True
 
 
+def _size(value: Any, name: str) -> int:
+    from .errors import LLMLoadUsageError
+
+    try:
+        return parse_size(value)
+    except LLMLoadUsageError as exc:
+        raise InvalidArgument(f"{name}: {exc}") from None
+
+
 _UNITS = ("GiB", "GB", "MiB", "MB", "KiB")
 
 
@@ -241,9 +284,11 @@ def max_memory_budgets(*, gpus: int = 4, min_size: Any = "1MiB", max_size: Any =
                        cpu: bool = True, disk: bool = False, zero: bool = True):
     """``max_memory`` dicts as users write them: sparse GPU ids, ints and strings in several units,
     zero budgets (the other way to exclude a GPU), and cpu/disk entries."""
-    if not isinstance(gpus, int) or gpus < 0:
-        raise InvalidArgument(f"gpus={gpus!r}: expected an int >= 0")
-    low, high = parse_size(min_size), parse_size(max_size)
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        raise InvalidArgument(f"gpus={_short(gpus)}: expected an int >= 0")
+    for flag, value in (("cpu", cpu), ("disk", disk), ("zero", zero)):
+        _check_flag(value, flag)
+    low, high = _size(min_size, "min_size"), _size(max_size, "max_size")
     if low > high:
         raise InvalidArgument(f"min_size={min_size!r} is larger than max_size={max_size!r}")
 

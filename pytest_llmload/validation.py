@@ -60,6 +60,13 @@ def validate_device_map(model: Any, device_map: dict[str, Any], *, gpus: int | N
             f"validate_device_map needs a dict of module name -> device, got {type(device_map).__name__} "
             f"{device_map!r} (strategies such as 'auto' are computed by from_pretrained, not validated)"
         )
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0):
+        raise LLMLoadUsageError(f"validate_device_map: gpus={gpus!r} is not a GPU count; expected None or an int >= 0")
+    for entry in device_map:
+        if not isinstance(entry, str):
+            raise LLMLoadUsageError(
+                f"validate_device_map: map key {entry!r} ({type(entry).__name__}) is not a module name; keys are "
+                f"strings such as 'model.layers.0' ('' for the whole model)")
     network = _as_model(model)
     problems: list[str] = []
     modules = dict(network.named_modules())
