@@ -47,6 +47,8 @@ _EXPORTS = {
     "default_inputs": "assertions",
     "prepare_model_for_int8_training": "assertions",
     "plan_device_map": "planning",
+    "estimate_training_memory": "memory",
+    "track_memory": "memory",
     "DevicePlan": "planning",
     "parse_fleet": "planning",
     "LLMLoadError": "errors",

@@ -299,22 +299,6 @@ def map_gpu_indices(device_map) -> set[int]:
     return indices
 
 
-def marker_gpu_reasons(inventory: Inventory, args: tuple, kwargs: dict) -> list[str]:
-    """Reasons for ``@pytest.mark.requires_gpus(n=1, *, memory=None)``, with its arguments checked."""
-    if len(args) > 1 or set(kwargs) - {"n", "memory"} or (args and "n" in kwargs):
-        raise LLMLoadUsageError(
-            f"requires_gpus{_call_text(args, kwargs)}: expected requires_gpus(n=1, *, memory=None)"
-        )
-    n = args[0] if args else kwargs.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise LLMLoadUsageError(f"requires_gpus{_call_text(args, kwargs)}: n must be a whole number >= 1, got {n!r}")
-    return gpu_reasons(inventory, n, kwargs.get("memory"))
-
-
-def _call_text(args: tuple, kwargs: dict) -> str:
-    return "(" + ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]) + ")"
-
-
 def cell_reasons(spec: LLMSpec, inventory: Inventory) -> list[str]:
     """Why a matrix cell cannot run on this hardware (empty when it can).
 

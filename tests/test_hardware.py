@@ -14,10 +14,10 @@ from pytest_llmload.hardware import (
     bitsandbytes_reasons,
     cell_reasons,
     gpu_reasons,
-    marker_gpu_reasons,
     worker_gpus,
     worker_index,
 )
+from pytest_llmload.marks import parse_mark
 from pytest_llmload.specs import make_spec
 
 GiB = 2**30
@@ -87,14 +87,17 @@ def test_cell_reasons(device_map, precision, inv, expected):
 
 
 def test_marker_arguments_are_checked():
-    assert marker_gpu_reasons(TWO_80, (2,), {"memory": "40GiB"}) == []
-    assert marker_gpu_reasons(ONE_24, (), {"n": 2}) == ["needs 2 GPUs; found 1 (24.0 GiB)"]
+    def reasons(inv, *args, **kwargs):
+        return gpu_reasons(inv, *parse_mark(pytest.mark.requires_gpus(*args, **kwargs).mark, "t.py::test"))
+
+    assert reasons(TWO_80, 2, memory="40GiB") == []
+    assert reasons(ONE_24, n=2) == ["needs 2 GPUs; found 1 (24.0 GiB)"]
     with pytest.raises(LLMLoadUsageError, match=r"requires_gpus\(0\): n must be a whole number >= 1"):
-        marker_gpu_reasons(TWO_80, (0,), {})
+        reasons(TWO_80, 0)
     with pytest.raises(LLMLoadUsageError, match=r"expected requires_gpus\(n=1, \*, memory=None\)"):
-        marker_gpu_reasons(TWO_80, (1,), {"mem": "1GiB"})
+        reasons(TWO_80, 1, mem="1GiB")
     with pytest.raises(LLMLoadUsageError, match="invalid size 'lots'"):
-        marker_gpu_reasons(TWO_80, (1,), {"memory": "lots"})
+        reasons(TWO_80, 1, memory="lots")
 
 
 def test_header_line_describes_the_inventory():

@@ -1,0 +1,32 @@
+"""README.md is a contract: its options table matches the plugin's options, and its test examples run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pytest_llmload.options import OPTIONS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_options_table_lists_every_option_and_ini_key():
+    rows = re.findall(r"^\| `(--llm-[a-z0-9-]+)[^`]*`[^|]*\| `([a-z_]+)` \|", README.read_text(), flags=re.M)
+    assert sorted(rows) == sorted((option, ini) for option, ini, *_ in OPTIONS)
+
+
+def test_every_readme_test_example_runs_as_written(pytester):
+    """Each python block that defines a test runs in a fresh pytest process (hypothesis' default
+    profile, no conftest of ours), so a deadline or a missing import in the README shows here."""
+    blocks = [b for b in python_blocks() if re.search(r"^def test_", b, flags=re.M)]
+    assert len(blocks) >= 4
+    for number, block in enumerate(blocks):
+        pytester.path.joinpath(f"test_readme_{number}.py").write_text(block)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()
+    assert outcomes.get("passed", 0) >= len(blocks) - 1  # the 2-GPU example skips here
