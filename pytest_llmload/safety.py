@@ -153,8 +153,15 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     endpoint = constants.ENDPOINT
     with _hub_lock:
         if endpoint not in _hub_state:
-            parts = urlsplit(endpoint)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                parts = urlsplit(endpoint)
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+                if parts.scheme not in ("http", "https") or not parts.hostname:
+                    raise ValueError("not an http(s) URL with a host")
+            except ValueError as exc:
+                raise ModelLoadError(
+                    f"invalid HF_ENDPOINT {endpoint!r}: {exc}; expected a URL such as https://huggingface.co"
+                ) from None
             start = time.perf_counter()
             try:
                 socket.create_connection((parts.hostname, port), timeout=timeout).close()

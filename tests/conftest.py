@@ -55,7 +55,10 @@ def pytest_sessionstart(session):
     from pytest_llmload import load_model, load_tokenizer
     from pytest_llmload.builtin import BUILTIN_MODELS
 
+    import warnings
+
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="transformers: .*LOAD REPORT", category=UserWarning)
     for name in BUILTIN_MODELS:
         load_model(f"builtin:{name}", device_map="cpu")
         load_tokenizer(f"builtin:{name}")

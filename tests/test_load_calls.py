@@ -138,3 +138,25 @@ def test_llm_memory_is_readable_in_the_test_and_reported(pytester):
     assert [t["nodeid"] for t in tests] == [
         "test_llm_memory_is_readable_in_the_test_and_reported.py::test_peak[tiny-llama-auto-auto]"]
     assert tests[0]["cpu_peak_delta"] >= 32 * 2**20
+
+
+@pytest.mark.parametrize("endpoint", ["http://localhost:99999", "http://[::1", "ftp://example.org", "huggingface.co"])
+def test_a_malformed_hf_endpoint_is_one_line(pytester, monkeypatch, endpoint):
+    import huggingface_hub.constants
+
+    from pytest_llmload import safety
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(safety, "_hub_state", {})
+    pytester.makepyfile("""
+        def test_a(llm_model):
+            pass
+
+        def test_b(llm_model):
+            pass
+    """)
+    result = pytester.runpytest("--llm-model=someorg/somemodel")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines([f"*invalid HF_ENDPOINT {endpoint!r}: *; expected a URL such as https://huggingface.co"])
+    assert "Traceback" not in result.stdout.str() and "pytest_llmload/" not in result.stdout.str()
