@@ -55,6 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = manager
     config.pluginmanager.register(manager, "llmload-session")
     config.pluginmanager.register(manager.reporter, "llmload-reporter")
+    config.pluginmanager.register(manager.affinity, "llmload-affinity")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -63,4 +64,5 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         manager.close()
         config.pluginmanager.unregister(manager)
         config.pluginmanager.unregister(manager.reporter)
+        config.pluginmanager.unregister(manager.affinity)
         del config.stash[SESSION_KEY]

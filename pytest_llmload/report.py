@@ -26,6 +26,7 @@ from .sizes import format_size
 PROPERTY = "llmload"
 MISSING_PROPERTY = "llmload-missing-hardware"
 MEMORY_PROPERTY = "llmload-memory"
+NOTE_PROPERTY = "llmload-note"
 SCHEMA = {"schema": "pytest-llmload/report", "version": 1}
 
 
@@ -68,6 +69,7 @@ class LoadReport:
     def __init__(self) -> None:
         self.cells: dict[str, dict[str, Any]] = {}
         self.tests: list[dict[str, Any]] = []
+        self.notes: list[str] = []
 
     def add(self, payload: dict[str, Any], worker: str = "main") -> None:
         for load in payload.get("loads", []):
@@ -100,7 +102,7 @@ class LoadReport:
     def to_json(self) -> dict[str, Any]:
         cells = [{k: v for k, v in self.cells[key].items() if k != "key"} for key in sorted(self.cells)]
         return {**SCHEMA, "cells": sorted(cells, key=lambda c: c["id"]),
-                "tests": sorted(self.tests, key=lambda t: t["nodeid"])}
+                "tests": sorted(self.tests, key=lambda t: t["nodeid"]), "notes": list(self.notes)}
 
     def write(self, path: str) -> None:
         from .options import write_atomically
@@ -143,6 +145,9 @@ class Reporter:
         self.missing_hardware: dict[str, tuple[str, str]] = {}  # nodeid -> (word, reason), merged
         self.regressions: dict[str, str] = {}
         self.written: list[str] = []
+        self.notes_from: list = []  # callables giving a note for the report (e.g. how xdist split cells)
+        self.notes: list[str] = []
+        self._sent_notes: set[str] = set()
 
     # -- what the running process records ---------------------------------------------------------
     def record_load(self, entry) -> None:
@@ -178,6 +183,11 @@ class Reporter:
                     "nodeid": item.nodeid, "cpu_peak_delta": usage.cpu_peak_delta,
                     "gpu_allocated_peak": usage.gpu_allocated_peak, "gpu_reserved_peak": usage.gpu_reserved_peak,
                     "gpu_used": usage.gpu_used, "seconds": round(usage.seconds, 4)})))
+        for source in self.notes_from:
+            note = source()
+            if note and note not in self._sent_notes:
+                self._sent_notes.add(note)
+                report.user_properties.append((NOTE_PROPERTY, note))
         if report.when == "teardown" and (self.pending_loads or self.used):
             payload = {"loads": self.pending_loads, "used": sorted(self.used),
                        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
@@ -194,6 +204,8 @@ class Reporter:
                 self.missing_hardware.setdefault(report.nodeid, (word, value))
             elif name == MEMORY_PROPERTY and report.when == "call":
                 self.report.tests.append(json.loads(value))
+            elif name == NOTE_PROPERTY and value not in self.report.notes:
+                self.report.notes.append(value)
 
     # -- the end of the session ---------------------------------------------------------------------
     def pytest_sessionfinish(self, session) -> None:
@@ -217,5 +229,7 @@ class Reporter:
             terminalreporter.section("llmload: load report", sep="-")
             terminalreporter.write_line(self.report.totals())
             terminalreporter.write_line(self.report.table())
+        for note in self.report.notes:
+            terminalreporter.write_line(f"llmload: {note}")
         for line in self.written:
             terminalreporter.write_line(line)

@@ -37,6 +37,10 @@ class LLMLoadSession:
         self._map_problems: dict[tuple, list[str]] = {}
         self._regressions: list[str] = []  # footprint regressions of the cells the running test used
         self.worker_note = os.environ.get("LLMLOAD_WORKER_GPUS_NOTE")
+        from .affinity import Affinity
+
+        self.affinity = Affinity(config, _item_spec)
+        self.reporter.notes_from.append(lambda: self.affinity.split_note)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "LLMLoadSession":

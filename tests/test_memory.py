@@ -199,7 +199,7 @@ def test_report_is_quiet_without_llm_tests_but_still_written(pytester):
     result = pytester.runpytest("--llm-report=report.json")
     assert "llmload: load report" not in result.stdout.str()
     data = json.loads((pytester.path / "report.json").read_text())
-    assert data == {"schema": "pytest-llmload/report", "version": 1, "cells": [], "tests": []}
+    assert data == {"schema": "pytest-llmload/report", "version": 1, "cells": [], "tests": [], "notes": []}
 
 
 def test_footprint_baseline_records_then_fails_on_growth(pytester):
