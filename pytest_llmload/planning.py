@@ -288,8 +288,14 @@ class _Recorder:
         self.required: dict[int | str, int] = {}
 
     def handle(self, record) -> None:  # a logging handler's one method that matters
+        import logging
+
         for device, size in _REQUIRED_RE.findall(record.getMessage()):
             self.required[int(device) if device.isdigit() else device] = int(size)
+        if record.levelno >= logging.WARNING:  # warnings go where they always went
+            parent = logging.getLogger(_ACCELERATE_LOGGER.rsplit(".", 1)[0])
+            if parent.isEnabledFor(record.levelno):
+                parent.handle(record)
 
 
 @contextmanager
@@ -435,46 +441,59 @@ def _gpu_range(ids: Any) -> str:
 
 
 def _unused_gpu_notes(unused, strategy, network, sizes, recorder, budgets, fleet, budget, per_device) -> list[str]:
-    """One line per GPU of the fleet (or the budget) that the plan leaves empty, saying why."""
+    """Why GPUs of the fleet (or the budget) hold nothing: one line per reason, GPUs with the same reason together."""
     planned = recorder.budgets or {}
+    no_split = set(getattr(network, "_no_split_modules", None) or [])
     blocks = [(sizes.get(name, 0), type(module).__name__) for name, module in network.named_modules()
-              if type(module).__name__ in set(getattr(network, "_no_split_modules", None) or [])]
+              if type(module).__name__ in no_split]
     smallest = min(blocks) if blocks else None
     first_gpu = next((d for d in planned if isinstance(d, int)), None)  # accelerate's "main device"
-    notes = []
+    reasons: dict[str, list[int]] = {}
     for gpu in unused:
-        label = device_label(gpu)
-        card = fleet[gpu] if gpu < len(fleet) else None
-        if budget is not None and gpu not in budget:
-            notes.append(f"{label} holds nothing: it has no max memory entry, and from_pretrained uses only the "
-                         "GPUs max_memory names")
-            continue
-        given = planned.get(gpu, budgets.get(gpu, 0))
-        if given <= 0:
-            if strategy == "balanced_low_0" and gpu == 0:
-                notes.append(f"{label} holds nothing: balanced_low_0 keeps it as empty as it can (for generate's "
-                             "work) and the other GPUs hold the model")
-            elif budget is not None and budget.get(gpu) == 0:
-                notes.append(f"{label} holds nothing: its max memory is 0"
-                             + (f" (with balanced_low_0 a zero budget also misplaces GPU 0: {ISSUE_4297})"
-                                if strategy == "balanced_low_0" else ""))
-            else:
-                notes.append(f"{label} holds nothing: the planner gave it a budget of 0")
-            continue
-        if gpu in recorder.required:
-            share = f" ({strategy} gives it {format_size(given)} of {format_size(card)})" if (
-                card is not None and given < card) else f" (its budget is {format_size(given)})"
-            reserve = (" (with the room transformers keeps free on the first GPU for the largest layer)"
-                       if gpu == first_gpu else "")
-            line = (f"{label} holds nothing: the next module to place needed "
-                    f"{format_size(recorder.required[gpu])} there{reserve}, more than it had{share}")
-            if smallest is not None and smallest[0] > given:
-                line += (f"; the smallest block that cannot be split ({smallest[1]}, {format_size(smallest[0])}) "
-                         "is larger than that")
-            notes.append(line)
-            continue
-        notes.append(f"{label} holds nothing: the GPUs before it hold the whole model")
+        reasons.setdefault(_why_empty(gpu, strategy, recorder, planned, budgets, fleet, budget, smallest,
+                                      first_gpu), []).append(gpu)
+    notes = []
+    for reason, gpus in reasons.items():
+        subject = _gpu_list(gpus) + (" (each)" if len(gpus) > 1 else "")
+        notes.append(f"{subject} holds nothing: {reason}")
     return notes
+
+
+def _why_empty(gpu, strategy, recorder, planned, budgets, fleet, budget, smallest, first_gpu) -> str:
+    card = fleet[gpu] if gpu < len(fleet) else None
+    if budget is not None and gpu not in budget:
+        return "it has no max memory entry, and from_pretrained uses only the GPUs max_memory names"
+    given = planned.get(gpu, budgets.get(gpu, 0))
+    if given <= 0:
+        if strategy == "balanced_low_0" and gpu == 0:
+            return "balanced_low_0 keeps it as empty as it can (for generate's work) and the other GPUs hold the model"
+        if budget is not None and budget.get(gpu) == 0:
+            return "its max memory is 0" + (f" (with balanced_low_0 a zero budget also misplaces GPU 0: {ISSUE_4297})"
+                                            if strategy == "balanced_low_0" else "")
+        return "the planner gave it a budget of 0"
+    if gpu not in recorder.required:
+        return "the GPUs before it hold the whole model"
+    share = f" ({strategy} gives it {format_size(given)} of {format_size(card)})" if (
+        card is not None and given < card) else f" (its budget is {format_size(given)})"
+    reserve = (" (with the room transformers keeps free on the first GPU for the largest layer)"
+               if gpu == first_gpu else "")
+    reason = (f"the next module to place needed {format_size(recorder.required[gpu])} there{reserve}, "
+              f"more than it had{share}")
+    if smallest is not None and smallest[0] > given:
+        reason += (f"; the smallest block that cannot be split ({smallest[1]}, {format_size(smallest[0])}) "
+                   "is larger than that")
+    return reason
+
+
+def _gpu_list(gpus: list[int]) -> str:
+    """``cuda:0, cuda:2-5``: runs of consecutive GPUs as ranges."""
+    runs: list[list[int]] = []
+    for gpu in sorted(gpus):
+        if runs and runs[-1][-1] + 1 == gpu:
+            runs[-1].append(gpu)
+        else:
+            runs.append([gpu])
+    return ", ".join(_gpu_range(run) for run in runs)
 
 
 def _device_order(device: int | str) -> tuple[int, int]:

@@ -200,8 +200,8 @@ def test_gpus_and_max_memory_are_combined(capsys):
     assert notes == [
         "note: the budget for cuda:1 (2.0 MiB) is more than the card (1.0 MiB): from_pretrained plans with the "
         "budget and would run out of memory loading it",
-        "note: cuda:2 holds nothing: it has no max memory entry, and from_pretrained uses only the GPUs max_memory names",
-        "note: cuda:3 holds nothing: it has no max memory entry, and from_pretrained uses only the GPUs max_memory names",
+        "note: cuda:2-3 (each) holds nothing: it has no max memory entry, and from_pretrained uses only the GPUs "
+        "max_memory names",
     ]
     code, _, err = run_cli(capsys, "plan", "builtin:tiny-llama", "--gpus", "2x1MiB", "--max-memory", "0=1MiB,5=1MiB")
     assert_one_line_error(code, err, "plan")
@@ -212,18 +212,20 @@ def test_a_plan_says_why_gpus_hold_nothing(capsys):
     code, out, _ = run_cli(capsys, "plan", "builtin:tiny-llama", "--gpus", "4x100KiB", "--cpu-memory", "1GiB")
     assert code == 0
     notes = [line for line in out.splitlines() if line.startswith("note: ")]
-    assert [n.split()[1] for n in notes] == ["cuda:0", "cuda:2", "cuda:3"]
+    assert [n.split()[1] for n in notes] == ["cuda:0", "cuda:2-3"]
     assert all("the smallest block that cannot be split (LlamaDecoderLayer, 144.5 KiB) is larger than that" in n
                for n in notes)
     assert "room transformers keeps free on the first GPU" in notes[0]
 
     sequential = plan_device_map("builtin:tiny-llama", "sequential", gpus="3x1MiB", cpu_memory="1GiB")
-    assert sequential.notes == [f"cuda:{i} holds nothing: the GPUs before it hold the whole model" for i in (1, 2)]
+    assert sequential.notes == ["cuda:1-2 (each) holds nothing: the GPUs before it hold the whole model"]
     low = plan_device_map("builtin:tiny-llama", "balanced_low_0", gpus="3x1MiB", cpu_memory="1GiB")
     assert low.notes[0].startswith("cuda:0 holds nothing: balanced_low_0 keeps it as empty as it can")
     assert plan_device_map("builtin:tiny-llama", "balanced", gpus="2x1MiB", cpu_memory="1GiB").notes == []
     code, out, _ = run_cli(capsys, "plan", "builtin:tiny-llama", "--gpus", "4x100KiB", "--json")
-    assert len(json.loads(out)["notes"]) == 3
+    assert len(json.loads(out)["notes"]) == 2
+    huge = plan_device_map("builtin:tiny-llama", "auto", gpus="4096x100KiB", cpu_memory="1GiB")
+    assert [n.split(" holds")[0] for n in huge.notes] == ["cuda:0", "cuda:2-4095 (each)"]
 
 
 # -- models, trust, hub ----------------------------------------------------------------------------
