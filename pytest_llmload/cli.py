@@ -148,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("model", help=model_help)
     plan.add_argument("--gpus", type=_checked(_fleet), metavar="FLEET",
                       help="the GPUs to plan for and the free memory of each, e.g. 4x24GiB or 24GiB,48GiB "
-                           "(default: the GPUs of this machine); with --max-memory it says which GPUs exist")
+                           "(default: the GPUs of this machine, or none when only --cpu-memory is given); "
+                           "with --max-memory it says which GPUs exist and their sizes")
     plan.add_argument("--strategy", default="auto", choices=STRATEGIES, help="the device_map strategy")
     plan.add_argument("--precision", default="auto", type=_checked(_precision), help=precisions)
     plan.add_argument("--max-memory", type=_checked(_max_memory), metavar="BUDGETS",

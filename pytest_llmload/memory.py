@@ -4,7 +4,8 @@ Formulas of :func:`estimate_training_memory` (bytes; b batch, s sequence, h hidd
 (x experts per token for mixture-of-experts), V vocabulary, L layers, e bytes per activation element):
 
 - weights: transformers' own per-module sizes of the meta model in the precision (quantized sizes
-  for int8/4-bit), plus LoRA adapters in fp32: r x (in + out) per targeted linear layer;
+  for int8/4-bit), plus LoRA adapters in fp32: r x (in + out) per targeted linear layer (GPT-2's
+  Conv1D and embeddings alike), the targets being peft's default for the model type unless given;
 - gradients: one per trainable parameter, in its dtype (all float weights for full fine-tuning;
   only the adapters with ``lora=``);
 - optimizer state: AdamW keeps two fp32 moments per trainable parameter (8 bytes); 8-bit AdamW

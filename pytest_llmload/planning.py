@@ -451,7 +451,7 @@ def _unused_gpu_notes(unused, strategy, network, sizes, recorder, budgets, fleet
     reasons: dict[str, list[int]] = {}
     for gpu in unused:
         reasons.setdefault(_why_empty(gpu, strategy, recorder, planned, budgets, fleet, budget, smallest,
-                                      first_gpu), []).append(gpu)
+                                      first_gpu, per_device), []).append(gpu)
     notes = []
     for reason, gpus in reasons.items():
         subject = _gpu_list(gpus) + (" (each)" if len(gpus) > 1 else "")
@@ -459,7 +459,7 @@ def _unused_gpu_notes(unused, strategy, network, sizes, recorder, budgets, fleet
     return notes
 
 
-def _why_empty(gpu, strategy, recorder, planned, budgets, fleet, budget, smallest, first_gpu) -> str:
+def _why_empty(gpu, strategy, recorder, planned, budgets, fleet, budget, smallest, first_gpu, per_device) -> str:
     card = fleet[gpu] if gpu < len(fleet) else None
     if budget is not None and gpu not in budget:
         return "it has no max memory entry, and from_pretrained uses only the GPUs max_memory names"
@@ -471,14 +471,18 @@ def _why_empty(gpu, strategy, recorder, planned, budgets, fleet, budget, smalles
             return "its max memory is 0" + (f" (with balanced_low_0 a zero budget also misplaces GPU 0: {ISSUE_4297})"
                                             if strategy == "balanced_low_0" else "")
         return "the planner gave it a budget of 0"
-    if gpu not in recorder.required:
+    placed_later = any(_device_order(d) > _device_order(gpu) for d in per_device)
+    if gpu not in recorder.required and not placed_later:
         return "the GPUs before it hold the whole model"
     share = f" ({strategy} gives it {format_size(given)} of {format_size(card)})" if (
         card is not None and given < card) else f" (its budget is {format_size(given)})"
     reserve = (" (with the room transformers keeps free on the first GPU for the largest layer)"
                if gpu == first_gpu else "")
-    reason = (f"the next module to place needed {format_size(recorder.required[gpu])} there{reserve}, "
-              f"more than it had{share}")
+    if gpu in recorder.required:
+        reason = (f"the next module to place needed {format_size(recorder.required[gpu])} there{reserve}, "
+                  f"more than it had{share}")
+    else:  # transformers no longer logs what it needed: say what is known
+        reason = f"the next module to place did not fit{reserve}{share}"
     if smallest is not None and smallest[0] > given:
         reason += (f"; the smallest block that cannot be split ({smallest[1]}, {format_size(smallest[0])}) "
                    "is larger than that")

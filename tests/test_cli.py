@@ -228,6 +228,19 @@ def test_a_plan_says_why_gpus_hold_nothing(capsys):
     assert [n.split(" holds")[0] for n in huge.notes] == ["cuda:0", "cuda:2-4095 (each)"]
 
 
+def test_unused_gpu_notes_without_transformers_log_line(monkeypatch):
+    """If a transformers release stops logging what a skipped GPU needed, the note still tells skipped from spare."""
+    import re
+
+    import pytest_llmload.planning
+
+    monkeypatch.setattr(pytest_llmload.planning, "_REQUIRED_RE", re.compile("matches nothing"))
+    skipped = plan_device_map("builtin:tiny-llama", "auto", gpus="4x100KiB", cpu_memory="1GiB")
+    assert [n.split(": ", 1)[1].split(" (")[0] for n in skipped.notes] == ["the next module to place did not fit"] * 2
+    spare = plan_device_map("builtin:tiny-llama", "sequential", gpus="3x1MiB", cpu_memory="1GiB")
+    assert spare.notes == ["cuda:1-2 (each) holds nothing: the GPUs before it hold the whole model"]
+
+
 # -- models, trust, hub ----------------------------------------------------------------------------
 
 
