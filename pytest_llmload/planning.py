@@ -22,6 +22,16 @@ from .specs import QUANTIZED_PRECISIONS, STRATEGIES, parse_max_memory, parse_pre
 
 _FLEET_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(.+)$")
 
+# Limits that keep a plan from running for minutes on an absurd input (a plan of a real model takes
+# well under a second): GPUs in a fleet, layers per stack and experts per layer built on the meta device.
+MAX_GPUS = 4096
+MAX_LAYERS = 1024
+MAX_EXPERTS = 1024
+MAX_EXPERT_MODULES = 65536  # layers x experts
+_LAYER_KEYS = re.compile(r"^(num_(hidden_|encoder_|decoder_)?layers|n_layers?|(encoder|decoder)_layers)$")
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+ISSUE_4297 = "huggingface/accelerate#4297"
+
 
 class PlanRefusedError(LLMLoadError, ValueError):
     """transformers itself refuses the planned load (e.g. int8 spilling to cpu/disk without fp32 offload)."""
@@ -36,27 +46,33 @@ def parse_fleet(gpus: Any) -> list[int]:
     if gpus is None:
         return []
     if isinstance(gpus, (list, tuple)):
+        _check_fleet_size(len(gpus), "invalid GPU fleet")
         return [parse_size(g) for g in gpus]
     if isinstance(gpus, int) and not isinstance(gpus, bool):
         raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: give sizes, e.g. '{gpus}x24GiB'")
     if not isinstance(gpus, str) or not gpus.strip():
         raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: expected e.g. '4x24GiB' or '24GiB,48GiB'")
+    parts = gpus.split(",")
+    counts = []
+    for part in parts:
+        match = _FLEET_RE.match(part)
+        counts.append(int(match.group(1)) if match else 1)
+        if match and counts[-1] < 1:
+            raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: a count must be >= 1")
+    _check_fleet_size(sum(counts), f"invalid GPU fleet {gpus!r}")
     sizes = []
-    for part in gpus.split(","):
+    for part, count in zip(parts, counts):
         match = _FLEET_RE.match(part)
         try:
-            if match:
-                count = int(match.group(1))
-                if count < 1:
-                    raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: a count must be >= 1")
-                sizes += [parse_size(match.group(2).strip())] * count
-            else:
-                sizes.append(parse_size(part.strip()))
-        except LLMLoadUsageError as exc:
-            if "GPU fleet" in str(exc):
-                raise
+            sizes += [parse_size((match.group(2) if match else part).strip())] * count
+        except LLMLoadUsageError:
             raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: expected e.g. '4x24GiB' or '24GiB,48GiB'") from None
     return sizes
+
+
+def _check_fleet_size(count: int, what: str) -> None:
+    if count > MAX_GPUS:
+        raise LLMLoadUsageError(f"{what}: {count} GPUs; the planner plans at most {MAX_GPUS}")
 
 
 @dataclass
@@ -70,6 +86,7 @@ class DevicePlan:
     budgets: dict[int | str, int]
     model_bytes: int
     modules_per_device: dict[int | str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # why GPUs hold nothing, budgets above a card...
 
     @property
     def offloaded(self) -> dict[str, str]:
@@ -89,6 +106,7 @@ class DevicePlan:
             "bytes_per_device": {str(k): v for k, v in self.bytes_per_device.items()},
             "budgets": {str(k): v for k, v in self.budgets.items()},
             "offloaded": self.offloaded,
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
     def table(self) -> str:
@@ -108,6 +126,7 @@ class DevicePlan:
         ]
         for row in rows:
             lines.append("  ".join(cell.ljust(widths[i]) if i < 4 else cell for i, cell in enumerate(row)).rstrip())
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -173,6 +192,7 @@ def meta_model(model: Any, precision: str | None = "auto", *, device_map: Any = 
     precision = parse_precision(precision or "auto")
     _, _, _get_dtype, get_hf_quantizer = _planning_functions(quantized=precision in QUANTIZED_PRECISIONS)
     config = copy.deepcopy(load_config(model, trust_remote_code=trust_remote_code))
+    check_config_size(config)
     cls = model_class_for(config, model_class)
     hf_quantizer = None
     if get_hf_quantizer is not None or getattr(config, "quantization_config", None) is not None:
@@ -193,6 +213,35 @@ def meta_model(model: Any, precision: str | None = "auto", *, device_map: Any = 
             hf_quantizer.preprocess_model(model=network, dtype=dtype, device_map=device_map,
                                           checkpoint_files=None, use_kernels=False)
     return network, hf_quantizer
+
+
+def check_config_size(config: Any) -> None:
+    """Refuse a config that would take minutes to build on the meta device (see :data:`MAX_LAYERS`)."""
+    layers: list[tuple[str, int]] = []
+    experts: list[tuple[str, int]] = []
+    stack = [config.to_dict() if hasattr(config, "to_dict") else dict(config)]
+    while stack:
+        values = stack.pop()
+        for key, value in values.items():
+            if isinstance(value, dict):
+                stack.append(value)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                if _LAYER_KEYS.match(key):
+                    layers.append((key, value))
+                elif key in _EXPERT_KEYS:
+                    experts.append((key, value))
+    for found, limit, what in ((layers, MAX_LAYERS, "layers per stack"), (experts, MAX_EXPERTS, "experts per layer")):
+        for key, value in found:
+            if value > limit:
+                raise LLMLoadUsageError(
+                    f"config {key}={value} is more than the planner builds on the meta device ({limit} {what} "
+                    "at most; real checkpoints have a few hundred at most)")
+    most_layers = max((v for _, v in layers), default=1)
+    most_experts = max((v for _, v in experts), default=1)
+    if most_layers * most_experts > MAX_EXPERT_MODULES:
+        raise LLMLoadUsageError(
+            f"config has {most_layers} layers x {most_experts} experts: more than the planner builds on the meta "
+            f"device ({MAX_EXPERT_MODULES} expert modules at most)")
 
 
 class _PlannedGpuFilter:
@@ -226,6 +275,85 @@ def simulated_hardware(free_memory: dict[int | str, int] | None) -> Iterator[Non
         logger.removeFilter(quiet)
 
 
+_ACCELERATE_LOGGER = "transformers.integrations.accelerate"
+_REQUIRED_RE = re.compile(r"^\s*- (\w+): (\d+) bytes required", re.M)
+
+
+class _Recorder:
+    """Keeps what transformers' planner decided on the way: the budgets it planned with, and the bytes a
+    GPU would have needed for its first module when nothing could be placed there (logged at info level)."""
+
+    def __init__(self) -> None:
+        self.budgets: dict[int | str, int] | None = None
+        self.required: dict[int | str, int] = {}
+
+    def handle(self, record) -> None:  # a logging handler's one method that matters
+        import logging
+
+        for device, size in _REQUIRED_RE.findall(record.getMessage()):
+            self.required[int(device) if device.isdigit() else device] = int(size)
+        if record.levelno >= logging.WARNING:  # warnings go where they always went
+            parent = logging.getLogger(_ACCELERATE_LOGGER.rsplit(".", 1)[0])
+            if parent.isEnabledFor(record.levelno):
+                parent.handle(record)
+
+
+@contextmanager
+def _recording(recorder: _Recorder) -> Iterator[None]:
+    import logging
+
+    import transformers.integrations.accelerate as hf_accelerate
+
+    real_infer = hf_accelerate.infer_auto_device_map
+
+    def infer(*args, **kwargs):
+        budgets = kwargs.get("max_memory")
+        recorder.budgets = dict(budgets) if budgets else None
+        return real_infer(*args, **kwargs)
+
+    handler = logging.Handler(logging.INFO)
+    handler.emit = recorder.handle  # type: ignore[method-assign]
+    logger = logging.getLogger(_ACCELERATE_LOGGER)
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # its info lines are for us, not the terminal
+    logger.addHandler(handler)
+    hf_accelerate.infer_auto_device_map = infer
+    try:
+        yield
+    finally:
+        hf_accelerate.infer_auto_device_map = real_infer
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def balanced_low_0_problem(max_memory: Any) -> str | None:
+    """Why ``balanced_low_0`` with these budgets hits huggingface/accelerate#4297, or None.
+
+    transformers (and accelerate) read the budgets of balanced_low_0 by position: GPU ids that are not
+    0, 1, 2, ... in a row raise ``KeyError`` inside from_pretrained.
+    """
+    budget = parse_max_memory(max_memory)
+    if not budget:
+        return None
+    ids = sorted(d for d in budget if isinstance(d, int))
+    positive = [d for d in ids if budget[d] > 0]
+    count = len(positive)
+    # What get_balanced_memory(low_zero=True) does: max_memory[i] for i in range(1, count), then max_memory[0].
+    key_error = count > 1 and (0 not in budget or any(i not in budget for i in range(1, count)))
+    misplaced = 0 in positive and set(range(1, count)) != set(positive) - {0}
+    if key_error or misplaced:
+        what = "raises KeyError" if key_error else "loads GPU 0 instead of keeping it light"
+        return (
+            f"balanced_low_0 with budgets for GPUs {', '.join(map(str, ids))} {what} inside transformers/accelerate "
+            f"({ISSUE_4297}: it reads the budgets by position, as if the GPUs with a budget were 0, 1, 2, ...); "
+            "number the GPUs in a row (CUDA_VISIBLE_DEVICES=0,2,3 makes them 0, 1, 2) and give budgets for "
+            "0, 1, 2, or use --strategy balanced"
+        )
+    return None
+
+
 def plan_device_map(
     model: Any,
     strategy: str = "auto",
@@ -248,12 +376,21 @@ def plan_device_map(
     precision = parse_precision(precision or "auto")
     fleet = parse_fleet(gpus)
     budget = parse_max_memory(max_memory)
+    notes: list[str] = []
+    if budget:
+        too_high = [d for d in budget if isinstance(d, int) and d >= MAX_GPUS]
+        if too_high:
+            raise LLMLoadUsageError(f"invalid max memory: GPU index {too_high[0]}; the planner plans at most "
+                                    f"{MAX_GPUS} GPUs (0-{MAX_GPUS - 1})")
+        if fleet:
+            notes += _fleet_and_budget_notes(fleet, budget)
     hardware = None
     if fleet or cpu_memory is not None:
         hardware = {i: size for i, size in enumerate(fleet)}
         hardware["cpu"] = parse_size(cpu_memory) if cpu_memory is not None else _available_ram()
     network, hf_quantizer = meta_model(model, precision, device_map=strategy, trust_remote_code=trust_remote_code)
-    with simulated_hardware(hardware):
+    recorder = _Recorder()
+    with simulated_hardware(hardware), _recording(recorder):
         try:
             device_map = _get_device_map(network, strategy, copy.deepcopy(budget), hf_quantizer)
         except ValueError as exc:  # what from_pretrained itself would raise on that fleet
@@ -266,6 +403,10 @@ def plan_device_map(
         per_device[device] = per_device.get(device, 0) + sizes.get(name, 0)
         modules.setdefault(device, []).append(name)
     budgets = budget if budget is not None else (hardware or {})
+    gpus_known = sorted({d for d in budgets if isinstance(d, int)} | set(range(len(fleet))))
+    unused = [g for g in gpus_known if g not in per_device]
+    if unused:
+        notes += _unused_gpu_notes(unused, strategy, network, sizes, recorder, budgets, fleet, budget, per_device)
     return DevicePlan(
         device_map=dict(device_map),
         bytes_per_device=dict(sorted(per_device.items(), key=lambda kv: _device_order(kv[0]))),
@@ -274,7 +415,89 @@ def plan_device_map(
         budgets=dict(budgets),
         model_bytes=sizes.get("", 0),
         modules_per_device=modules,
+        notes=notes,
     )
+
+
+def _fleet_and_budget_notes(fleet: list[int], budget: dict[int | str, int]) -> list[str]:
+    """``gpus`` and ``max_memory`` together: the fleet says which GPUs exist, the budget what from_pretrained uses."""
+    missing = [d for d in budget if isinstance(d, int) and d >= len(fleet)]
+    if missing:
+        raise LLMLoadUsageError(
+            f"max memory names {device_label(missing[0])}, but the fleet has {len(fleet)} GPU(s) "
+            f"({_gpu_range(range(len(fleet)))}): give a budget only for GPUs of the fleet")
+    notes = []
+    for device, size in budget.items():
+        if isinstance(device, int) and size > fleet[device]:
+            notes.append(f"the budget for {device_label(device)} ({format_size(size)}) is more than the card "
+                         f"({format_size(fleet[device])}): from_pretrained plans with the budget and would run "
+                         "out of memory loading it")
+    return notes
+
+
+def _gpu_range(ids: Any) -> str:
+    ids = list(ids)
+    return device_label(ids[0]) if len(ids) == 1 else f"cuda:{ids[0]}-{ids[-1]}"
+
+
+def _unused_gpu_notes(unused, strategy, network, sizes, recorder, budgets, fleet, budget, per_device) -> list[str]:
+    """Why GPUs of the fleet (or the budget) hold nothing: one line per reason, GPUs with the same reason together."""
+    planned = recorder.budgets or {}
+    no_split = set(getattr(network, "_no_split_modules", None) or [])
+    blocks = [(sizes.get(name, 0), type(module).__name__) for name, module in network.named_modules()
+              if type(module).__name__ in no_split]
+    smallest = min(blocks) if blocks else None
+    first_gpu = next((d for d in planned if isinstance(d, int)), None)  # accelerate's "main device"
+    reasons: dict[str, list[int]] = {}
+    for gpu in unused:
+        reasons.setdefault(_why_empty(gpu, strategy, recorder, planned, budgets, fleet, budget, smallest,
+                                      first_gpu, per_device), []).append(gpu)
+    notes = []
+    for reason, gpus in reasons.items():
+        subject = _gpu_list(gpus) + (" (each)" if len(gpus) > 1 else "")
+        notes.append(f"{subject} holds nothing: {reason}")
+    return notes
+
+
+def _why_empty(gpu, strategy, recorder, planned, budgets, fleet, budget, smallest, first_gpu, per_device) -> str:
+    card = fleet[gpu] if gpu < len(fleet) else None
+    if budget is not None and gpu not in budget:
+        return "it has no max memory entry, and from_pretrained uses only the GPUs max_memory names"
+    given = planned.get(gpu, budgets.get(gpu, 0))
+    if given <= 0:
+        if strategy == "balanced_low_0" and gpu == 0:
+            return "balanced_low_0 keeps it as empty as it can (for generate's work) and the other GPUs hold the model"
+        if budget is not None and budget.get(gpu) == 0:
+            return "its max memory is 0" + (f" (with balanced_low_0 a zero budget also misplaces GPU 0: {ISSUE_4297})"
+                                            if strategy == "balanced_low_0" else "")
+        return "the planner gave it a budget of 0"
+    placed_later = any(_device_order(d) > _device_order(gpu) for d in per_device)
+    if gpu not in recorder.required and not placed_later:
+        return "the GPUs before it hold the whole model"
+    share = f" ({strategy} gives it {format_size(given)} of {format_size(card)})" if (
+        card is not None and given < card) else f" (its budget is {format_size(given)})"
+    reserve = (" (with the room transformers keeps free on the first GPU for the largest layer)"
+               if gpu == first_gpu else "")
+    if gpu in recorder.required:
+        reason = (f"the next module to place needed {format_size(recorder.required[gpu])} there{reserve}, "
+                  f"more than it had{share}")
+    else:  # transformers no longer logs what it needed: say what is known
+        reason = f"the next module to place did not fit{reserve}{share}"
+    if smallest is not None and smallest[0] > given:
+        reason += (f"; the smallest block that cannot be split ({smallest[1]}, {format_size(smallest[0])}) "
+                   "is larger than that")
+    return reason
+
+
+def _gpu_list(gpus: list[int]) -> str:
+    """``cuda:0, cuda:2-5``: runs of consecutive GPUs as ranges."""
+    runs: list[list[int]] = []
+    for gpu in sorted(gpus):
+        if runs and runs[-1][-1] + 1 == gpu:
+            runs[-1].append(gpu)
+        else:
+            runs.append([gpu])
+    return ", ".join(_gpu_range(run) for run in runs)
 
 
 def _device_order(device: int | str) -> tuple[int, int]:
@@ -303,5 +526,6 @@ def module_sizes(model: Any, precision: str | None = "auto", *, quantizer: Any =
     return dict(sizes)
 
 
-__all__ = ["DevicePlan", "PlannerUnavailableError", "meta_model", "module_sizes", "parse_fleet",
+__all__ = ["DevicePlan", "MAX_EXPERTS", "MAX_GPUS", "MAX_LAYERS", "PlannerUnavailableError", "balanced_low_0_problem",
+           "check_config_size", "meta_model", "module_sizes", "parse_fleet",
            "plan_device_map", "QUANTIZED_PRECISIONS"]
