@@ -167,6 +167,12 @@ def _planning_functions(quantized: bool = False):
 
         get_hf_quantizer = None
         if quantized:
+            from .hardware import import_bitsandbytes
+
+            try:
+                import_bitsandbytes()  # quietly, before the quantizer modules import it
+            except ImportError:
+                pass
             from transformers.quantizers.auto import get_hf_quantizer
     except ImportError as exc:
         import transformers

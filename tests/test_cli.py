@@ -406,3 +406,13 @@ def test_absurd_fleets_and_configs_are_refused_up_front(tmp_path):
     assert lines[-2].startswith("llmload plan: config num_hidden_layers=1000000 is more than the planner builds")
     assert lines[-1] == ("llmload plan: invalid max memory: GPU index 10000000; the planner plans at most 4096 GPUs "
                          "(0-4095)")
+
+
+def test_int8_plan_prints_no_bitsandbytes_noise():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pytest_llmload", "plan", "builtin:tiny-llama", "--gpus", "4x200KiB", "--strategy", "sequential",
+                          "--precision", "int8", "--cpu-memory", "1GiB"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "gemm_4bit_forward" not in out.stdout + out.stderr and "script_method" not in out.stdout + out.stderr
