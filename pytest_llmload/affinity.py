@@ -1,21 +1,25 @@
 """Cell affinity under pytest-xdist: each matrix cell's tests go to one worker, so each cell loads once.
 
-It uses xdist's own scheduling: the plugin marks llm tests with ``xdist_group`` (one group per cell)
-and, when the user did not choose a ``--dist`` mode, asks for ``--dist loadgroup``. With fewer cells
-than workers, a cell's tests are split into as few groups as keep every worker busy.
+It plugs into xdist's own scheduling (``pytest_xdist_make_scheduler``): when the user did not choose
+a ``--dist`` mode, the controller schedules with :class:`CellScheduling`, xdist's ``LoadScopeScheduling``
+whose scope of a test is its cell. The workers, which collect, tell the controller each test's cell
+through a file in a folder the controller hands them (xdist's own ``--dist loadgroup`` side channel,
+rewriting node ids, does not work with pytest 9.2: pytest-dev/pytest-xdist#1386). With fewer cells
+than workers, a cell's tests are cut into as few groups as keep every worker busy.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import math
 import os
 import shlex
+import tempfile
 from typing import Any
 
 import pytest
 
-GROUP_PREFIX = "llmload-"
+WORKER_KEY = "llmload_cell_groups"
 
 
 def user_chose_dist(config: pytest.Config) -> bool:
@@ -30,24 +34,8 @@ def user_chose_dist(config: pytest.Config) -> bool:
                for a in args)
 
 
-def choose_distribution(config: pytest.Config) -> str | None:
-    """On the xdist controller: ``--dist loadgroup`` unless the user chose a mode. Returns the header note."""
-    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
-        return None
-    if not getattr(config.option, "numprocesses", None) or getattr(config.option, "dist", "no") == "no":
-        return None
-    if user_chose_dist(config):
-        if config.option.dist == "loadgroup":
-            return "llmload: --dist loadgroup: each cell's tests go to one worker"
-        return (f"llmload: --dist {config.option.dist} (your choice) is kept: any worker may load any cell; "
-                "leave --dist out for one load per cell")
-    config.option.dist = "loadgroup"
-    config.option.loadgroup = True
-    return "llmload: --dist loadgroup (chosen by pytest-llmload): each cell's tests go to one worker"
-
-
-def group_items(items: list[pytest.Item], spec_of, workers: int) -> dict[Any, int]:
-    """Mark each llm test with the ``xdist_group`` of its cell; returns the number of groups per cell.
+def cell_groups(items: list[pytest.Item], spec_of, workers: int) -> tuple[dict[str, str], dict[Any, int]]:
+    """``{nodeid: group}`` for the llm tests, and how many groups each cell was cut into.
 
     With fewer cells than workers, each cell's tests are cut into ``ceil(workers / cells)`` contiguous
     groups (at most one per test), so that every worker has work and a cell loads on as few as possible.
@@ -57,42 +45,96 @@ def group_items(items: list[pytest.Item], spec_of, workers: int) -> dict[Any, in
         spec = spec_of(item)
         if spec is not None:
             by_cell.setdefault(spec, []).append(item)
-    if not by_cell:
-        return {}
-    parts = max(1, math.ceil(workers / len(by_cell)))
-    counts = {}
-    for spec, cell_items in by_cell.items():
-        digest = hashlib.sha1(repr((spec.model, spec.device_map_spec.key, spec.precision, spec.max_memory))
-                              .encode()).hexdigest()[:10]
+    groups: dict[str, str] = {}
+    counts: dict[Any, int] = {}
+    parts = max(1, math.ceil(workers / len(by_cell))) if by_cell else 1
+    for number, (spec, cell_items) in enumerate(by_cell.items()):
         n = min(parts, len(cell_items))
         size = math.ceil(len(cell_items) / n)
         for index, item in enumerate(cell_items):
-            name = f"{GROUP_PREFIX}{spec.id}-{digest}" + (f"-part{index // size}" if n > 1 else "")
-            item.add_marker(pytest.mark.xdist_group(name=name))
+            groups[item.nodeid] = f"llmload-cell-{number}-{spec.id}" + (f"-part{index // size}" if n > 1 else "")
         counts[spec] = n
-    return counts
+    return groups, counts
 
 
 class Affinity:
-    """The plugin object: chooses the distribution on the controller, groups llm tests on the workers."""
+    """The plugin object: on the controller chooses the scheduler, on the workers tells it the cells."""
 
     def __init__(self, config: pytest.Config, spec_of) -> None:
         self.config = config
         self.spec_of = spec_of
-        self.note = choose_distribution(config)
         self.split_note: str | None = None
+        self.folder: str | None = None
+        self.note = self._choose()
+
+    def _choose(self) -> str | None:
+        config = self.config
+        if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+            return None
+        if not getattr(config.option, "numprocesses", None) or getattr(config.option, "dist", "no") == "no":
+            return None
+        if user_chose_dist(config):
+            return (f"llmload: --dist {config.option.dist} (your choice) is kept: any worker may load any cell; "
+                    "leave --dist out for one load per cell")
+        self.folder = tempfile.mkdtemp(prefix="llmload-cells-")
+        config.pluginmanager.register(_Controller(self.folder), "llmload-affinity-controller")
+        return "llmload: tests scheduled by cell (pytest-llmload): each cell's tests go to one worker"
+
+    def close(self) -> None:
+        if self.folder:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
     def pytest_report_header(self, config: pytest.Config) -> str | None:
         return self.note
 
-    @pytest.hookimpl(tryfirst=True)  # before xdist's worker adds the group to each node id
+    @pytest.hookimpl(trylast=True)  # after the session has regrouped the items
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         workerinput = getattr(config, "workerinput", None)
-        if workerinput is None or not config.getvalue("loadgroup"):
+        folder = (workerinput or {}).get(WORKER_KEY)
+        if not folder:
             return
         workers = int(workerinput.get("workercount", 1))
-        counts = group_items(items, self.spec_of, workers)
-        split = {spec: n for spec, n in counts.items() if n > 1}
+        groups, counts = cell_groups(items, self.spec_of, workers)
+        path = os.path.join(folder, f"{workerinput.get('workerid', 'gw')}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(groups, f)
+        os.replace(path + ".tmp", path)
+        split = [n for n in counts.values() if n > 1]
         if split:
             self.split_note = (f"{len(counts)} cell(s) for {workers} workers: each cell's tests were split over "
-                               f"{max(split.values())} workers, so those cells load once per worker that runs them")
+                               f"{max(split)} workers, so those cells load once per worker that runs them")
+
+
+class _Controller:
+    """Registered on the xdist controller only (so xdist's hooks are known where it is)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def pytest_configure_node(self, node) -> None:
+        node.workerinput[WORKER_KEY] = self.folder
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        folder = self.folder
+
+        class CellScheduling(LoadScopeScheduling):
+            """xdist's scope scheduling, where the scope of an llm test is its cell (others: the test)."""
+
+            _groups: dict[str, str] | None = None
+
+            def _split_scope(self, nodeid: str) -> str:
+                if self._groups is None:
+                    self._groups = {}
+                    for name in sorted(os.listdir(folder)):
+                        if name.endswith(".json"):
+                            with open(os.path.join(folder, name)) as f:
+                                self._groups.update(json.load(f))
+                return self._groups.get(nodeid, nodeid)
+
+        return CellScheduling(config, log)

@@ -65,4 +65,5 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         config.pluginmanager.unregister(manager)
         config.pluginmanager.unregister(manager.reporter)
         config.pluginmanager.unregister(manager.affinity)
+        manager.affinity.close()
         del config.stash[SESSION_KEY]

@@ -26,7 +26,7 @@ def test_four_cells_two_workers_load_four_times(pytester):
     pytester.makepyfile(SUITE)
     result = pytester.runpytest_subprocess("-n", "2", *FOUR_CELLS, "--llm-report=report.json")
     result.assert_outcomes(passed=40)
-    result.stdout.fnmatch_lines(["llmload: --dist loadgroup (chosen by pytest-llmload): each cell's tests go to one "
+    result.stdout.fnmatch_lines(["llmload: tests scheduled by cell (pytest-llmload): each cell's tests go to one "
                                  "worker", "*llmload: 4 load(s) of 4 cell(s)*"])
     assert loads(pytester) == {"tiny-gpt2-auto-fp16": 1, "tiny-gpt2-auto-fp32": 1, "tiny-llama-auto-fp16": 1,
                                "tiny-llama-auto-fp32": 1}
@@ -52,4 +52,24 @@ def test_without_xdist_nothing_changes(pytester, args):
     pytester.makepyfile(SUITE)
     result = pytester.runpytest(*args, "--llm-report=report.json")
     result.assert_outcomes(passed=10)
-    assert "loadgroup" not in result.stdout.str()
+    assert "scheduled by cell" not in result.stdout.str()
+
+
+@pytest.mark.xfail(reason="pytest-dev/pytest-xdist#1386: --dist loadgroup rewrites item._nodeid, which pytest 9.2 "
+                          "no longer reads, so xdist_group marks stop grouping; pytest-llmload schedules by cell "
+                          "itself", strict=False)
+def test_upstream_xdist_loadgroup_groups_on_this_pytest(pytester):
+    pytester.makepyfile("""
+        import os
+        import pytest
+
+        @pytest.mark.xdist_group("one")
+        @pytest.mark.parametrize("n", range(6))
+        def test_x(n):
+            with open(f"worker-{n}.txt", "w") as f:
+                f.write(os.environ["PYTEST_XDIST_WORKER"])
+    """)
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "-p", "no:llmload")
+    result.assert_outcomes(passed=6)
+    workers = {(pytester.path / f"worker-{n}.txt").read_text() for n in range(6)}
+    assert len(workers) == 1, workers
