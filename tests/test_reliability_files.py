@@ -345,6 +345,17 @@ def test_deeply_nested_tokenizer_json(tmp_path):
                                "(at most 64 accepted)")
 
 
+def test_a_dangling_tokenizer_symlink_fails_the_tokenizer_only(tmp_path):
+    ckpt = copy_checkpoint(tmp_path)
+    (ckpt / "tokenizer.json").unlink()
+    os.symlink("../../blobs/77aa", ckpt / "tokenizer.json")
+    assert type(load_model(str(ckpt))).__name__ == "GPT2LMHeadModel"  # the model does not need it
+    with pytest.raises(ModelLoadError) as info:
+        load_tokenizer(str(ckpt))
+    assert str(info.value) == (f"tokenizer file {ckpt / 'tokenizer.json'} is a dangling symlink "
+                               "(to ../../blobs/77aa), not a regular file")
+
+
 def test_damaged_cells_fail_each_test_with_one_remembered_line(pytester, tmp_path):
     fifo = copy_checkpoint(tmp_path / "fifo")
     (fifo / "model.safetensors").unlink()
@@ -389,7 +400,7 @@ def test_unusable_cache_dir_is_one_line_naming_the_variable(tmp_path, monkeypatc
     elif kind == "/dev/null":
         path, why = "/dev/null", "/dev/null is a character device, not a directory"
     else:
-        path, why = "/proc/llmload-cache", "cannot write in /proc/llmload-cache/builtin: No such file or directory"
+        path, why = "/proc/llmload-cache", "cannot create /proc/llmload-cache/builtin: No such file or directory"
     monkeypatch.setenv("LLMLOAD_CACHE_DIR", str(path))
     with pytest.raises(ModelLoadError) as info:
         load_model("builtin:tiny-llama")
@@ -425,8 +436,8 @@ def test_read_only_cache_mount(tmp_path):
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script, code], capture_output=True, text=True, timeout=300)
     if "mount:" in proc.stderr and proc.returncode:
         pytest.skip(f"cannot make a read-only bind mount here: {proc.stderr.strip()}")
-    assert proc.stdout.strip() == (f"LLMLOAD_CACHE_DIR={cache} cannot hold the built-in checkpoints: cannot write "
-                                   f"in {cache}/builtin: Read-only file system; point LLMLOAD_CACHE_DIR at a "
+    assert proc.stdout.strip() == (f"LLMLOAD_CACHE_DIR={cache} cannot hold the built-in checkpoints: cannot "
+                                   f"create {cache}/builtin: Read-only file system; point LLMLOAD_CACHE_DIR at a "
                                    "writable directory"), proc.stdout + proc.stderr[-3000:]
 
 
