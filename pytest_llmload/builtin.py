@@ -161,9 +161,12 @@ def _cache_dir_problem(folder: Path, exc: OSError) -> str:
 
         kind = not_regular(blocker) or "a file"
         why = f"{blocker} is {kind}, not a directory"
+    elif not folder.is_dir():
+        why = f"cannot create {folder}: {exc.strerror or exc}"
     else:
         why = f"cannot write in {folder}: {exc.strerror or exc}"
-    advice = "point LLMLOAD_CACHE_DIR at a writable directory" if env else "set LLMLOAD_CACHE_DIR to a writable directory"
+    advice = ("point LLMLOAD_CACHE_DIR at a writable directory" if env
+              else "set LLMLOAD_CACHE_DIR to a writable directory")
     return f"{where} cannot hold the built-in checkpoints: {why}; {advice}"
 
 

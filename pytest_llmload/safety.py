@@ -51,8 +51,8 @@ def not_regular(path: str | os.PathLike) -> str | None:
         if os.path.islink(path):
             return f"a dangling symlink (to {os.readlink(path)})"
         return None
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
+    except OSError:
+        return None  # unreadable for another reason: opening it says why
     return None if stat.S_ISREG(mode) else _kind(mode)
 
 
@@ -149,9 +149,12 @@ def check_json_file(path: str | os.PathLike, what: str, *, parse: bool = True) -
 
 # -- damaged checkpoints ---------------------------------------------------------------------------
 
-# Files from_pretrained may open; any of them that is no regular file would hang or crash it.
-_CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".jinja", ".py")
+# Files from_pretrained may open (weights, configs, remote code) and files AutoTokenizer may open: any of
+# them that is no regular file would hang the loader (a FIFO) or fail it deep inside (a dangling symlink).
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".py", ".json")
+_TOKENIZER_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 _TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+_TOKENIZER_ONLY = (*_TOKENIZER_JSON, "vocab.json", "chat_template.json", "preprocessor_config.json")
 
 
 def check_checkpoint_files(directory: str | os.PathLike) -> None:
@@ -165,7 +168,7 @@ def check_checkpoint_files(directory: str | os.PathLike) -> None:
     except OSError as exc:
         raise ModelLoadError(f"cannot list checkpoint {path}: {exc.strerror or exc}") from None
     for entry in entries:
-        if entry.name.endswith(_CHECKPOINT_SUFFIXES):
+        if entry.name.endswith(_MODEL_SUFFIXES) and entry.name not in _TOKENIZER_ONLY:
             require_regular(entry, "checkpoint file")
     for weights in (e for e in entries if e.name.endswith(".safetensors")):
         try:
@@ -174,8 +177,8 @@ def check_checkpoint_files(directory: str | os.PathLike) -> None:
             raise ModelLoadError(f"checkpoint file {weights} is damaged: {exc}") from None
         except OSError as exc:
             raise ModelLoadError(f"cannot read checkpoint file {weights}: {exc.strerror or exc}") from None
-    for name in ("generation_config.json",):
-        check_json_file(path / name, "checkpoint file")
+    # Bounded, but parsed by transformers, which loads the model without a generation config it cannot read.
+    check_json_file(path / "generation_config.json", "checkpoint file", parse=False)
     index = path / "model.safetensors.index.json"
     if os.path.lexists(index):
         _check_index(path, index)
@@ -218,7 +221,7 @@ def check_tokenizer_files(directory: str | os.PathLike) -> None:
     except OSError as exc:
         raise ModelLoadError(f"cannot list tokenizer folder {path}: {exc.strerror or exc}") from None
     for entry in entries:
-        if entry.name.endswith(_CHECKPOINT_SUFFIXES) and not entry.name.endswith(".safetensors"):
+        if entry.name.endswith(_TOKENIZER_SUFFIXES):
             require_regular(entry, "tokenizer file")
     for name in _TOKENIZER_JSON:
         check_json_file(path / name, "tokenizer file")
@@ -233,13 +236,18 @@ def safetensors_header(file: str | os.PathLike) -> dict:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise DamagedFile(f"{size} bytes, too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if len(head) < 8:  # shrunk since fstat
+            raise DamagedFile(f"{len(head)} bytes, too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
             raise DamagedFile(f"its header claims {header_len} bytes but the file has {size}")
         if header_len > MAX_SAFETENSORS_HEADER:
             raise DamagedFile(f"its header claims {header_len} bytes, more than the {MAX_SAFETENSORS_HEADER} "
                               "safetensors accepts")
         raw = f.read(header_len)
+        if len(raw) < header_len:
+            raise DamagedFile(f"truncated: its header claims {header_len} bytes, {len(raw)} could be read")
     try:
         header = parse_json(raw)
     except DamagedFile as exc:

@@ -237,7 +237,8 @@ def test_a_builtin_checkpoint_keeps_no_marker(tmp_path, monkeypatch):
 
 def _entry_is_a_string(ckpt):
     write_safetensors(ckpt / "model.safetensors", b'{"transformer.wte.weight": "oops"}')
-    return "model.safetensors", r"is damaged: its header entry 'transformer.wte.weight' is a string, not a tensor description"
+    return "model.safetensors", (r"is damaged: its header entry 'transformer.wte.weight' is a string, "
+                                 r"not a tensor description")
 
 
 def _entry_lacks_offsets(ckpt):
@@ -356,7 +357,18 @@ def test_a_dangling_tokenizer_symlink_fails_the_tokenizer_only(tmp_path):
                                "(to ../../blobs/77aa), not a regular file")
 
 
-def test_damaged_cells_fail_each_test_with_one_remembered_line(pytester, tmp_path):
+def test_damaged_cells_fail_each_test_with_one_remembered_line(pytester, tmp_path, monkeypatch):
+    import collections
+
+    import pytest_llmload.safety as safety
+
+    checks = collections.Counter()
+    for name in ("check_checkpoint_files", "check_tokenizer_files"):
+        def counting(directory, _real=getattr(safety, name), _name=name):
+            checks[_name, str(directory)] += 1
+            return _real(directory)
+
+        monkeypatch.setattr(safety, name, counting)
     fifo = copy_checkpoint(tmp_path / "fifo")
     (fifo / "model.safetensors").unlink()
     watch = FifoWatch(fifo / "model.safetensors")
@@ -381,8 +393,12 @@ def test_damaged_cells_fail_each_test_with_one_remembered_line(pytester, tmp_pat
                 "(at most 64 accepted)",
                 f"checkpoint file {escape}/model.safetensors.index.json names shard '../../../../etc/passwd', "
                 f"which is outside the checkpoint folder {escape}; shards must be files inside it",
-                f"tokenizer file {tokenizer}/tokenizer.json is damaged: nested 100000 levels deep (at most 64 accepted)"]
+                f"tokenizer file {tokenizer}/tokenizer.json is damaged: nested 100000 levels deep "
+                "(at most 64 accepted)"]
     assert messages == sorted(expected * 2)  # each of the cell's two tests, one line each
+    for kind, folder in [("check_checkpoint_files", c) for c in (fifo, deep, escape)] + [
+            ("check_tokenizer_files", tokenizer)]:
+        assert checks[kind, str(folder)] == 1, checks  # remembered: the second test is not checked again
     out = result.stdout.str()
     assert "Traceback" not in out and "pytest_llmload/" not in out
     assert not watch.opened
