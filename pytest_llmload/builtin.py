@@ -7,6 +7,7 @@ torch and transformers are imported only when a checkpoint is built.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -143,7 +144,8 @@ def builtin_path(name: str) -> Path:
                 raise
         else:
             release_owned_folder(staging)
-            (target / MARKER_NAME).unlink(missing_ok=True)  # it is a checkpoint now, not a staging folder
+            with contextlib.suppress(OSError):  # a checkpoint now, not a staging folder; a stray marker is harmless
+                (target / MARKER_NAME).unlink(missing_ok=True)
     except OSError as exc:
         raise ModelLoadError(_cache_dir_problem(target.parent, exc)) from None
     finally:

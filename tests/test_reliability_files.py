@@ -441,20 +441,28 @@ def test_read_only_cache_mount(tmp_path):
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"unshare -m cannot run here: {probe.stderr.strip()}")
-    cache = tmp_path / "ro-cache"
-    cache.mkdir()
-    code = ("from pytest_llmload import load_model\n"
-            "from pytest_llmload.errors import LLMLoadError, ModelLoadError\n"
-            "try:\n    load_model('builtin:tiny-llama')\n"
-            "except ModelLoadError as exc:\n    print(exc)\n")
-    script = (f"mount --bind {cache} {cache} && mount -o remount,bind,ro {cache} && "
-              f"LLMLOAD_CACHE_DIR={cache} {sys.executable} -c \"$0\"")
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, code], capture_output=True, text=True, timeout=300)
+    mount = tmp_path / "ro"
+    empty, full = mount / "empty", mount / "full"
+    empty.mkdir(parents=True)
+    built = builtin_path("tiny-llama")  # a cache that already holds the built-in needs no writing
+    shutil.copytree(built, full / "builtin" / built.name)
+    code = ("import os, sys\n"
+            "from pytest_llmload import load_model\n"
+            "from pytest_llmload.errors import ModelLoadError\n"
+            "for cache in sys.argv[1:]:\n"
+            "    os.environ['LLMLOAD_CACHE_DIR'] = cache\n"
+            "    try:\n        print(type(load_model('builtin:tiny-llama')).__name__)\n"
+            "    except ModelLoadError as exc:\n        print(exc)\n")
+    script = f'mount --bind {mount} {mount} && mount -o remount,bind,ro {mount} && {sys.executable} -c "$0" "$@"'
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, code, str(empty), str(full)],
+                          capture_output=True, text=True, timeout=300)
     if "mount:" in proc.stderr and proc.returncode:
         pytest.skip(f"cannot make a read-only bind mount here: {proc.stderr.strip()}")
-    assert proc.stdout.strip() == (f"LLMLOAD_CACHE_DIR={cache} cannot hold the built-in checkpoints: cannot "
-                                   f"create {cache}/builtin: Read-only file system; point LLMLOAD_CACHE_DIR at a "
-                                   "writable directory"), proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        f"LLMLOAD_CACHE_DIR={empty} cannot hold the built-in checkpoints: cannot create {empty}/builtin: "
+        "Read-only file system; point LLMLOAD_CACHE_DIR at a writable directory",
+        "LlamaForCausalLM",
+    ], proc.stdout + proc.stderr[-3000:]
 
 
 def test_unusable_cache_dir_in_a_session(pytester, monkeypatch):
