@@ -173,9 +173,12 @@ def _cache_dir_problem(folder: Path, exc: OSError) -> str:
 
 
 def _is_complete(path: Path) -> bool:
+    from .safety import not_regular, read_json
+
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        return all((path / f).stat().st_size == size for f, size in manifest["files"].items())
+        manifest = read_json(path / MANIFEST)  # never a FIFO, never unbounded
+        return all(not_regular(path / f) is None and (path / f).stat().st_size == size
+                   for f, size in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 

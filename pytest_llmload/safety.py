@@ -362,6 +362,9 @@ def _claim_abandoned(folder: str) -> int | None:
     """
     if fcntl is None:
         return None
+    with _held_lock:
+        if folder in _held:  # this process's own (where flock is emulated by per-process locks, as on NFS)
+            return None
     try:
         if not stat.S_ISDIR(os.lstat(folder).st_mode):
             return None

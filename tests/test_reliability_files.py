@@ -232,6 +232,18 @@ def test_a_builtin_checkpoint_keeps_no_marker(tmp_path, monkeypatch):
     assert MARKER not in manifest["files"]
 
 
+def test_a_builtin_whose_manifest_is_a_fifo_is_rebuilt_without_opening_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMLOAD_CACHE_DIR", str(tmp_path))
+    path = builtin_path("tiny-gpt2")
+    (path / "llmload-manifest.json").unlink()
+    watch = FifoWatch(path / "llmload-manifest.json")
+    try:
+        assert builtin_path("tiny-gpt2") == path
+    finally:
+        watch.stop()
+    assert not watch.opened and (path / "llmload-manifest.json").is_file()
+
+
 # -- 3. damaged and hostile checkpoint files ------------------------------------------------------------
 
 
