@@ -7,14 +7,17 @@ torch and transformers are imported only when a checkpoint is built.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import ModelLoadError
+from .safety import MARKER as MARKER_NAME  # a staging folder's owner lock, not part of a checkpoint
 
 FORMAT_VERSION = 1
 MANIFEST = "llmload-manifest.json"
@@ -121,13 +124,17 @@ def builtin_path(name: str) -> Path:
     target = cache_root() / "builtin" / f"{name}-{_fingerprint(model)}"
     if _is_complete(target):
         return target
-    if target.exists():  # damaged (files removed or truncated after it was written): rebuild
-        shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    from .safety import sweep_dead_staging
+    from .safety import owned_folder, release_owned_folder, remove_owned_folder, sweep_dead_staging
 
-    sweep_dead_staging(target.parent)  # half-written copies of processes that died mid-write
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=target.parent))
+    try:
+        if target.exists():  # damaged (files removed or truncated after it was written): rebuild
+            shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_dead_staging(target.parent)  # half-written copies of processes that died mid-write
+        # The staging folder carries a marker locked while this process lives, so no one else sweeps it.
+        staging = Path(owned_folder(prefix=f".{name}-{os.getpid()}-", dir=target.parent))
+    except OSError as exc:
+        raise ModelLoadError(_cache_dir_problem(target.parent, exc)) from None
     try:
         _write_checkpoint(model, staging)
         try:
@@ -135,15 +142,43 @@ def builtin_path(name: str) -> Path:
         except OSError:
             if not _is_complete(target):  # another process won the race but its copy is unsound
                 raise
+        else:
+            release_owned_folder(staging)
+            with contextlib.suppress(OSError):  # a checkpoint now, not a staging folder; a stray marker is harmless
+                (target / MARKER_NAME).unlink(missing_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(_cache_dir_problem(target.parent, exc)) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_owned_folder(staging)
     return target
 
 
+def _cache_dir_problem(folder: Path, exc: OSError) -> str:
+    """One line naming the cache directory (and the variable that chose it) and why it cannot hold checkpoints."""
+    env = os.environ.get("LLMLOAD_CACHE_DIR")
+    where = f"LLMLOAD_CACHE_DIR={env}" if env else f"the built-in checkpoint cache {cache_root()}"
+    blocker = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), None)
+    if blocker is not None and not blocker.is_dir():
+        from .safety import not_regular
+
+        kind = not_regular(blocker) or "a file"
+        why = f"{blocker} is {kind}, not a directory"
+    elif not folder.is_dir():
+        why = f"cannot create {folder}: {exc.strerror or exc}"
+    else:
+        why = f"cannot write in {folder}: {exc.strerror or exc}"
+    advice = ("point LLMLOAD_CACHE_DIR at a writable directory" if env
+              else "set LLMLOAD_CACHE_DIR to a writable directory")
+    return f"{where} cannot hold the built-in checkpoints: {why}; {advice}"
+
+
 def _is_complete(path: Path) -> bool:
+    from .safety import not_regular, read_json
+
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        return all((path / f).stat().st_size == size for f, size in manifest["files"].items())
+        manifest = read_json(path / MANIFEST)  # never a FIFO, never unbounded
+        return all(not_regular(path / f) is None and (path / f).stat().st_size == size
+                   for f, size in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -178,5 +213,5 @@ def _write_checkpoint(model: BuiltinModel, directory: Path) -> None:
         network = getattr(transformers, model.model_class)(config)
     network.save_pretrained(directory, safe_serialization=True)
     build_tokenizer(model).save_pretrained(directory)
-    files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
+    files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file() and p.name != MARKER_NAME}
     (directory / MANIFEST).write_text(json.dumps({"name": model.name, "files": files}, indent=1))

@@ -43,6 +43,7 @@ class LoadRecord:
 class CachedModel:
     model: Any
     record: LoadRecord
+    finalizer: Any = None  # removes the offload folder the cache made for this model
 
 
 def release_memory() -> None:
@@ -78,7 +79,8 @@ class ModelCache:
         self.history: list[LoadRecord] = []  # every load this session, for the report
         self.on_load: list[Callable[[CachedModel], None]] = []
         self._offload_root: str | None = None
-        self._finalizer = weakref.finalize(self, _remove_tree, None)
+        self._finalizer = weakref.finalize(self, _remove_root, None)
+        self._private_folders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # -- offload folders -------------------------------------------------------------------
     def offload_folder(self) -> str:
@@ -88,8 +90,14 @@ class ModelCache:
 
             self._offload_root = session_folder()
             self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _remove_tree, self._offload_root)
+            self._finalizer = weakref.finalize(self, _remove_root, self._offload_root)
         return tempfile.mkdtemp(prefix="offload-", dir=self._offload_root)
+
+    def release_private(self, model: Any) -> None:
+        """Remove the offload folder of a private copy now (its test is over), not when it is collected."""
+        finalizer = self._private_folders.pop(model, None)
+        if finalizer is not None:
+            finalizer()
 
     # -- models ----------------------------------------------------------------------------
     @staticmethod
@@ -115,8 +123,15 @@ class ModelCache:
         return self._load(spec, kwargs, key)
 
     def load_private(self, spec: LLMSpec, **kwargs: Any) -> Any:
-        """A copy of ``spec``'s model that the cache does not hold (for tests that mutate it)."""
-        return self._load(spec, kwargs, None).model
+        """A copy of ``spec``'s model that the cache does not hold (for tests that mutate it).
+
+        Its offload folder (if the cache made one) goes with it: at :meth:`release_private` or when the
+        copy is garbage collected, whichever comes first.
+        """
+        entry = self._load(spec, kwargs, None)
+        if entry.finalizer is not None:
+            self._private_folders[entry.model] = entry.finalizer
+        return entry.model
 
     def _load(self, spec: LLMSpec, kwargs: dict[str, Any], key: tuple | None) -> CachedModel:
         call = dict(kwargs)
@@ -126,8 +141,9 @@ class ModelCache:
         if config is None:
             config = self.check_config(spec, trust_remote_code=trust_remote_code)
         info = LoadInfo()
-        if needs_offload_folder(spec.device_map, spec.max_memory):
-            call.setdefault("offload_folder", self.offload_folder())
+        own_folder = None
+        if "offload_folder" not in call and needs_offload_folder(spec.device_map, spec.max_memory):
+            own_folder = call["offload_folder"] = self.offload_folder()
         start = time.perf_counter()
         try:
             model = load_model(
@@ -141,13 +157,17 @@ class ModelCache:
                 config=config,
                 **call,
             )
-        except ModelLoadError as exc:
-            if key is not None:
-                self._failures[key] = str(exc)
-            release_memory()  # whatever the failed load allocated goes now, not at the next gc
+        except BaseException as exc:
+            _remove_tree(own_folder)
+            if isinstance(exc, ModelLoadError):
+                if key is not None:
+                    self._failures[key] = str(exc)
+                release_memory()  # whatever the failed load allocated goes now, not at the next gc
             raise
         kind = "private" if key is None else "reload" if key in self._loaded_keys else "load"
         entry = CachedModel(model, LoadRecord(spec, info, time.perf_counter() - start, kind=kind))
+        if own_folder is not None:  # the offloaded weights go with the model (evicted or private)
+            entry.finalizer = weakref.finalize(model, _remove_tree, own_folder)
         self.loads += 1
         self.history.append(entry.record)
         if key is not None:  # cached before the callbacks run: a failing callback cannot lose the model
@@ -217,3 +237,9 @@ def _kwargs_key(kwargs: dict[str, Any]) -> str:
 def _remove_tree(path: str | None) -> None:
     if path:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_root(path: str | None) -> None:
+    from .safety import remove_owned_folder
+
+    remove_owned_folder(path)

@@ -7,7 +7,6 @@ A GPU that this process has not used yet also needs room for its CUDA context.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from .devices import device_label, plan_key
@@ -87,7 +86,8 @@ def weights_upper_bound(spec: LLMSpec) -> int | None:
 
     Float tensors count at 4 bytes whatever the precision (modules in ``_keep_in_fp32_modules`` and the
     unquantized parts of int8/4-bit stay fp32), other tensors as stored, plus 5% and 1 MiB for buffers
-    the checkpoint does not store (rotary tables). None for hub ids or checkpoints without safetensors.
+    the checkpoint does not store (rotary tables). None for hub ids or checkpoints without safetensors,
+    and for damaged files or anything that is no regular file (a FIFO is never opened): the load names them.
     """
     if spec.model_spec.kind not in ("builtin", "path"):
         return None
@@ -110,7 +110,7 @@ def weights_upper_bound(spec: LLMSpec) -> int | None:
                 for dim in tensor["shape"]:
                     count *= dim
                 total += count * (per_float if tensor["dtype"] in _FLOAT_TYPES else _TYPE_BYTES.get(tensor["dtype"], 8))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error, MemoryError):
+    except (OSError, ValueError):  # safety.DamagedFile is a ValueError; headers come back checked
         return None  # a damaged file: the load reports it, naming the file
     return int(total * 1.05) + 2**20
 

@@ -52,6 +52,7 @@ def llm_private_model(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Iter
         model = session.cache.load_private(llm_spec)
     session.note_use(llm_spec)
     yield model
+    session.cache.release_private(model)  # its offload folder goes now, not at the end of the session
     del model
     from .cache import release_memory
 

@@ -6,7 +6,6 @@ torch and transformers are imported inside the functions, so importing this modu
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -81,7 +80,12 @@ def load_config(model: Any, *, trust_remote_code: bool = False):
     spec = parse_model(model)
     source = resolve_source(spec)
     local_only, offline_reason = _is_local(spec), ""
-    if not local_only:
+    if local_only:
+        from .safety import check_json_file
+
+        # Not a FIFO, not nested without bound; whether it is JSON at all, AutoConfig says below.
+        check_json_file(Path(source) / "config.json", "checkpoint file", parse=False)
+    else:
         from .safety import hub_reachable
 
         reachable, offline_reason = hub_reachable()
@@ -399,7 +403,7 @@ def load_model(
 
     own_folder = None
     if "offload_folder" not in call and needs_offload_folder(call.get("device_map"), call.get("max_memory")):
-        from .safety import session_folder
+        from .safety import remove_owned_folder, session_folder
 
         own_folder = session_folder()
         call["offload_folder"] = own_folder
@@ -409,12 +413,12 @@ def load_model(
             loaded = cls.from_pretrained(source, **call)
     except BaseException as exc:
         if own_folder is not None:
-            shutil.rmtree(own_folder, ignore_errors=True)
+            remove_owned_folder(own_folder)
         if isinstance(exc, Exception) and not isinstance(exc, LLMLoadUsageError):
             raise ModelLoadError(_load_error(spec, source, exc, allow_pickle)) from None
         raise
     if own_folder is not None:
-        weakref.finalize(loaded, shutil.rmtree, own_folder, True)
+        weakref.finalize(loaded, remove_owned_folder, own_folder)
     return loaded
 
 

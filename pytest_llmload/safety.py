@@ -1,137 +1,416 @@
-"""Faults a test plugin meets unattended: damaged checkpoints, dead processes' leftovers, an unreachable hub."""
+"""Faults a test plugin meets unattended: damaged or hostile files, leftovers of dead processes, an unreachable hub."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
+import stat
 import struct
 import tempfile
 import threading
 import time
+from itertools import accumulate
 from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from .errors import ModelLoadError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no proof of ownership; folders are never swept
+    fcntl = None  # type: ignore[assignment]
+
 SESSION_PREFIX = "llmload-session-"
+MARKER = ".llmload-owner"
+_MARKER_MAGIC = b"pytest-llmload owner lock\n"
+
+MAX_SAFETENSORS_HEADER = 100_000_000  # the limit of the safetensors library itself
+MAX_JSON_BYTES = 512 * 2**20  # the largest tokenizer.json files on the hub are tens of MB
+MAX_JSON_DEPTH = 64  # real checkpoint and tokenizer files nest a handful of levels
+
+
+class DamagedFile(ValueError):
+    """A file that cannot be what its name says; the message says why, without the file's name."""
+
+
+# -- reading files that may be damaged or hostile ------------------------------------------------------
+
+
+def not_regular(path: str | os.PathLike) -> str | None:
+    """What ``path`` is if it exists but is no regular file (a dangling symlink, a directory, a FIFO), else None.
+
+    Symlinks to regular files are fine: a Hugging Face cache snapshot is made of them.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"a dangling symlink (to {os.readlink(path)})"
+        return None
+    except OSError:
+        return None  # unreadable for another reason: opening it says why
+    return None if stat.S_ISREG(mode) else _kind(mode)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open a regular file for reading, refusing anything else without blocking (a FIFO opens at once
+    with O_NONBLOCK and is then refused; a device is refused before it is opened)."""
+    kind = not_regular(path)
+    if kind is None and not os.path.lexists(path):
+        raise DamagedFile("missing")
+    if kind is not None:
+        raise DamagedFile(f"{kind}, not a regular file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # swapped after the stat above
+            raise DamagedFile(f"{_kind(mode)}, not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.S)  # linear: every way out matches
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def json_depth(data: bytes) -> int:
+    """How deep the arrays and objects of JSON text nest (strings ignored), without parsing it."""
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    return max(accumulate(_STEP[b] for b in brackets), default=0)
+
+
+def parse_json(data: bytes, max_depth: int = MAX_JSON_DEPTH, *, parse: bool = True) -> Any:
+    """``json.loads`` for untrusted text: nesting is bounded first, so it cannot exhaust the stack."""
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise DamagedFile(f"nested {depth} levels deep (at most {max_depth} accepted)")
+    if not parse:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError as exc:  # UnicodeDecodeError is one
+        raise DamagedFile(f"not valid JSON ({exc})") from None
+
+
+def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES, *, parse: bool = True) -> Any:
+    """A JSON file's content, read only if it is a regular file of at most ``max_bytes`` (with ``parse=False``
+    only these bounds are checked and None is returned)."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise DamagedFile(f"{size} bytes, more than the {max_bytes} accepted")
+        data = f.read(max_bytes + 1)
+    return parse_json(data, parse=parse)
+
+
+def json_type(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (str, "a string"), ((int, float), "a number"), (list, "a list"),
+                       (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def require_regular(path: str | os.PathLike, what: str) -> None:
+    """Raise :class:`ModelLoadError` if ``path`` exists but is no regular file (never opens it)."""
+    kind = not_regular(path)
+    if kind is not None:
+        raise ModelLoadError(f"{what} {path} is {kind}, not a regular file")
+
+
+def check_json_file(path: str | os.PathLike, what: str, *, parse: bool = True) -> None:
+    """Raise :class:`ModelLoadError` naming ``path`` if it exists and is not sound, bounded JSON
+    (with ``parse=False``, only if it is no regular file, too large or nested too deep)."""
+    if not os.path.lexists(path):
+        return
+    require_regular(path, what)
+    try:
+        read_json(path, parse=parse)
+    except DamagedFile as exc:
+        raise ModelLoadError(f"{what} {path} is damaged: {exc}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 # -- damaged checkpoints ---------------------------------------------------------------------------
 
+# Files from_pretrained may open (weights, configs, remote code) and files AutoTokenizer may open: any of
+# them that is no regular file would hang the loader (a FIFO) or fail it deep inside (a dangling symlink).
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".py", ".json")
+_TOKENIZER_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+_TOKENIZER_ONLY = (*_TOKENIZER_JSON, "vocab.json", "chat_template.json", "preprocessor_config.json")
+
 
 def check_checkpoint_files(directory: str | os.PathLike) -> None:
-    """Raise :class:`ModelLoadError` naming the file if a safetensors file or tokenizer.json is damaged.
+    """Raise :class:`ModelLoadError` naming the file if a checkpoint file is damaged or no regular file.
 
     Reads only headers (a few KB), so a truncated multi-GB file is found without reading it.
     """
     path = Path(directory)
-    for weights in sorted(path.glob("*.safetensors")):
-        problem = _safetensors_problem(weights)
-        if problem:
-            raise ModelLoadError(f"checkpoint file {weights} is damaged: {problem}")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as exc:
+        raise ModelLoadError(f"cannot list checkpoint {path}: {exc.strerror or exc}") from None
+    for entry in entries:
+        if entry.name.endswith(_MODEL_SUFFIXES) and entry.name not in _TOKENIZER_ONLY:
+            require_regular(entry, "checkpoint file")
+    for weights in (e for e in entries if e.name.endswith(".safetensors")):
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"checkpoint file {index} is damaged: not a weight index ({exc})") from None
-        missing = sorted(s for s in shards if not (path / s).is_file())
-        if missing:
-            raise ModelLoadError(f"checkpoint {path} is incomplete: {index.name} lists {', '.join(missing)}, "
-                                 "which are missing")
+            safetensors_header(weights)
+        except DamagedFile as exc:
+            raise ModelLoadError(f"checkpoint file {weights} is damaged: {exc}") from None
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read checkpoint file {weights}: {exc.strerror or exc}") from None
+    # Bounded, but parsed by transformers, which loads the model without a generation config it cannot read.
+    check_json_file(path / "generation_config.json", "checkpoint file", parse=False)
+    index = path / "model.safetensors.index.json"
+    if os.path.lexists(index):
+        _check_index(path, index)
+
+
+def _check_index(path: Path, index: Path) -> None:
+    try:
+        content = read_json(index, max_bytes=64 * 2**20)
+    except DamagedFile as exc:
+        raise ModelLoadError(f"checkpoint file {index} is damaged: {exc}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read checkpoint file {index}: {exc.strerror or exc}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        found = "no weight_map" if weight_map is None else f"a weight_map that is {json_type(weight_map)}"
+        raise ModelLoadError(f"checkpoint file {index} is damaged: {found}, "
+                             "expected an object of tensor names to shard files")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ModelLoadError(f"checkpoint file {index} is damaged: its weight_map maps {_short(tensor)} to "
+                                 f"{json_type(shard)}, not a shard file name")
+        normal = os.path.normpath(shard)
+        if os.path.isabs(shard) or os.path.splitdrive(shard)[0] or normal == ".." or normal.startswith(
+                (".." + os.sep, "../")):
+            raise ModelLoadError(f"checkpoint file {index} names shard {_short(shard)}, which is outside the "
+                                 f"checkpoint folder {path}; shards must be files inside it")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        require_regular(path / shard, "checkpoint file")
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise ModelLoadError(f"checkpoint {path} is incomplete: {index.name} lists {', '.join(missing)}, "
+                             "which are missing")
 
 
 def check_tokenizer_files(directory: str | os.PathLike) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        file = Path(directory) / name
-        if file.is_file():
-            try:
-                json.loads(file.read_text())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ModelLoadError(f"tokenizer file {file} is damaged: not valid JSON ({exc})") from None
+    path = Path(directory)
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as exc:
+        raise ModelLoadError(f"cannot list tokenizer folder {path}: {exc.strerror or exc}") from None
+    for entry in entries:
+        if entry.name.endswith(_TOKENIZER_SUFFIXES):
+            require_regular(entry, "tokenizer file")
+    for name in _TOKENIZER_JSON:
+        check_json_file(path / name, "tokenizer file")
 
 
-def safetensors_header(file: Path) -> dict:
-    """The JSON header of a safetensors file (ValueError if the length it claims is impossible)."""
-    size = Path(file).stat().st_size
-    with open(file, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
+def safetensors_header(file: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file, checked: :class:`DamagedFile` (a ValueError) says what is wrong.
+
+    Reads only a regular file, at most ``MAX_SAFETENSORS_HEADER`` bytes of header, nested a few levels.
+    """
+    with open_regular(file) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise DamagedFile(f"{size} bytes, too short for a safetensors header")
+        head = f.read(8)
+        if len(head) < 8:  # shrunk since fstat
+            raise DamagedFile(f"{len(head)} bytes, too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
-            raise ValueError(f"header claims {header_len} bytes, the file has {size}")
-        return json.loads(f.read(header_len))
-
-
-def _safetensors_problem(file: Path) -> str | None:
-    size = file.stat().st_size
-    if size < 8:
-        return f"{size} bytes, too short for a safetensors header"
-    with open(file, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > size - 8:
-            return f"its header claims {header_len} bytes but the file has {size}"
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError:
-            return "its header is not valid JSON"
+            raise DamagedFile(f"its header claims {header_len} bytes but the file has {size}")
+        if header_len > MAX_SAFETENSORS_HEADER:
+            raise DamagedFile(f"its header claims {header_len} bytes, more than the {MAX_SAFETENSORS_HEADER} "
+                              "safetensors accepts")
+        raw = f.read(header_len)
+        if len(raw) < header_len:
+            raise DamagedFile(f"truncated: its header claims {header_len} bytes, {len(raw)} could be read")
+    try:
+        header = parse_json(raw)
+    except DamagedFile as exc:
+        raise DamagedFile(f"its header is {exc}") from None
     if not isinstance(header, dict):
-        return "its header is not a JSON object"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        raise DamagedFile(f"its header is {json_type(header)}, not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict):
+                raise DamagedFile(f"its __metadata__ is {json_type(entry)}, not an object")
+            continue
+        problem = _tensor_entry_problem(entry)
+        if problem:
+            raise DamagedFile(f"its header entry {_short(name)} {problem}")
+        end = max(end, entry["data_offsets"][1])
     if 8 + header_len + end > size:
-        return f"truncated: {size} bytes, its header needs {8 + header_len + end}"
+        raise DamagedFile(f"truncated: {size} bytes, its header needs {8 + header_len + end}")
+    return header
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_entry_problem(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return f"is {json_type(entry)}, not a tensor description"
+    if not isinstance(entry.get("dtype"), str):
+        return "has no dtype" if "dtype" not in entry else f"has a dtype that is {json_type(entry['dtype'])}"
+    shape = entry.get("shape")
+    if not (isinstance(shape, list) and all(_count(d) for d in shape)):
+        return "has no shape" if shape is None else f"has shape {_short(shape)}, not a list of sizes"
+    offsets = entry.get("data_offsets")
+    if offsets is None:
+        return "lacks data_offsets"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"has data_offsets {_short(offsets)}, not [begin, end]"
     return None
 
 
-# -- leftovers of dead processes -------------------------------------------------------------------
+# -- folders this process owns, and leftovers of dead ones ------------------------------------------
+#
+# A folder is ours only if it holds the MARKER file that we wrote, and its owner is gone only if the
+# flock the owner took on that file can be taken now: the kernel drops the lock with the process, in
+# any PID namespace or container that shares the folder. Process ids are not compared at all.
+
+_held: dict[str, int] = {}  # folder -> descriptor of its locked marker, for this process's folders
+_held_lock = threading.Lock()
 
 
-def pid_alive(pid: int) -> bool:
+def owned_folder(prefix: str, dir: str | os.PathLike | None = None) -> str:
+    """A new folder (``tempfile.mkdtemp``) with this process's marker in it, locked while the process lives.
+
+    Remove it with :func:`remove_owned_folder`; if the process dies first, a later sweep removes it.
+    """
+    folder = tempfile.mkdtemp(prefix=prefix, dir=dir)
+    pending = os.path.join(folder, MARKER + ".new")  # the marker appears under its name only once locked
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    try:
+        os.write(fd, _MARKER_MAGIC + f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass  # a filesystem without locks: the marker stays unlockable, so no one else sweeps it
+        os.rename(pending, os.path.join(folder, MARKER))
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    with _held_lock:
+        _held[folder] = fd
+    return folder
+
+
+def remove_owned_folder(folder: str | os.PathLike | None) -> None:
+    """Remove a folder made by :func:`owned_folder` (holding its lock until it is gone)."""
+    if not folder:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    release_owned_folder(folder)
+
+
+def release_owned_folder(folder: str | os.PathLike) -> None:
+    """Give up the lock of an owned folder that is gone or has been renamed (a finished built-in)."""
+    with _held_lock:
+        fd = _held.pop(os.fspath(folder), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def session_folder() -> str:
-    """A temporary folder for this process's offloaded weights, named so a later run can tell if its owner died."""
-    return tempfile.mkdtemp(prefix=f"{SESSION_PREFIX}{os.getpid()}-")
+    """A temporary folder for this process's offloaded weights, swept by later runs once this process is gone."""
+    return owned_folder(prefix=f"{SESSION_PREFIX}{os.getpid()}-")
 
 
-def sweep_dead_sessions(parent: str | None = None) -> list[str]:
-    """Remove session folders whose process is gone (a crashed xdist worker, a killed run)."""
-    parent = parent or tempfile.gettempdir()
+def _claim_abandoned(folder: str) -> int | None:
+    """The locked marker of ``folder`` if it is provably ours and its owner is gone, else None.
+
+    Without our marker (a user's folder, or one made by an older version) or without flock, nothing is proven.
+    """
+    if fcntl is None:
+        return None
+    with _held_lock:
+        if folder in _held:  # this process's own (where flock is emulated by per-process locks, as on NFS)
+            return None
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return None
+        fd = os.open(os.path.join(folder, MARKER), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, len(_MARKER_MAGIC), 0) == _MARKER_MAGIC:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while the owner lives, wherever it runs
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _sweep(parent: str | os.PathLike, wanted) -> list[str]:
     removed = []
     try:
-        entries = os.listdir(parent)
+        entries = sorted(os.listdir(parent))
     except OSError:
         return removed
     for entry in entries:
-        if not entry.startswith(SESSION_PREFIX):
+        if not wanted(entry):
             continue
-        pid_text = entry[len(SESSION_PREFIX):].split("-", 1)[0]
-        if pid_text.isdigit() and not pid_alive(int(pid_text)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-            removed.append(entry)
+        folder = os.path.join(parent, entry)
+        fd = _claim_abandoned(folder)
+        if fd is None:
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+        removed.append(entry)
     return removed
 
 
-def sweep_dead_staging(parent: Path) -> list[str]:
-    """Remove built-in checkpoints half-written by processes that died (``.NAME-PID-xxxx``)."""
-    removed = []
-    if not parent.is_dir():
-        return removed
-    for entry in parent.iterdir():
-        if not entry.name.startswith("."):
-            continue
-        parts = entry.name[1:].rsplit("-", 2)
-        if len(parts) == 3 and parts[1].isdigit() and not pid_alive(int(parts[1])):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry.name)
-    return removed
+def sweep_dead_sessions(parent: str | os.PathLike | None = None) -> list[str]:
+    """Remove session folders whose owner is gone (a crashed xdist worker, a killed run): only folders with
+    this plugin's marker whose lock no live process holds."""
+    return _sweep(parent or tempfile.gettempdir(), lambda name: name.startswith(SESSION_PREFIX))
+
+
+def sweep_dead_staging(parent: str | os.PathLike) -> list[str]:
+    """Remove built-in checkpoints half-written by processes that died (``.NAME-PID-xxxx`` with our marker)."""
+    return _sweep(parent, lambda name: name.startswith("."))
 
 
 # -- the hub -----------------------------------------------------------------------------------------

@@ -19,7 +19,13 @@ from pytest_llmload import load_model, load_tokenizer
 from pytest_llmload.builtin import builtin_path
 from pytest_llmload.cache import ModelCache
 from pytest_llmload.errors import ModelLoadError
-from pytest_llmload.safety import SESSION_PREFIX, sweep_dead_sessions, sweep_dead_staging
+from pytest_llmload.safety import (
+    SESSION_PREFIX,
+    owned_folder,
+    remove_owned_folder,
+    sweep_dead_sessions,
+    sweep_dead_staging,
+)
 from pytest_llmload.specs import make_spec
 
 from maps import GPT2_CPU_DISK
@@ -159,12 +165,14 @@ def test_budget_too_small_for_memory_spills_to_disk_and_is_cleaned_up(pytester, 
 
 
 def test_folders_of_dead_processes_are_swept(tmp_path):
-    dead = tmp_path / f"{SESSION_PREFIX}{_dead_pid()}-abc"
-    alive = tmp_path / f"{SESSION_PREFIX}{os.getpid()}-def"
-    dead.mkdir()
-    alive.mkdir()
-    assert sweep_dead_sessions(str(tmp_path)) == [dead.name]
-    assert alive.exists() and not dead.exists()
+    # Only folders with the plugin's marker whose owner lock is free are swept (see test_reliability_files.py).
+    code = "from pytest_llmload.safety import session_folder; print(session_folder())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "TMPDIR": str(tmp_path)}).stdout.strip()
+    alive = owned_folder(prefix=f"{SESSION_PREFIX}{os.getpid()}-", dir=tmp_path)
+    assert sweep_dead_sessions(str(tmp_path)) == [os.path.basename(dead)]
+    assert os.path.exists(alive) and not os.path.exists(dead)
+    remove_owned_folder(alive)
 
 
 def test_crashed_xdist_worker_leaves_no_offload_folder(pytester, isolated_tmp):
