@@ -7,11 +7,13 @@ plugin) imports neither torch nor transformers; they load when a function that n
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
-import pytest
-
-pytest.register_assert_rewrite("pytest_llmload.assertions")
+# Assertion rewriting matters only under pytest (which imports this package as a plugin, so pytest is
+# already there); a script that only calls load_model does not pay for importing pytest.
+if "pytest" in sys.modules:
+    sys.modules["pytest"].register_assert_rewrite("pytest_llmload.assertions", "pytest_llmload._checks")
 
 __version__ = "0.1.0"
 
@@ -37,7 +39,7 @@ _EXPORTS = {
     "cell_reasons": "hardware",
     "validate_device_map": "validation",
     "assert_device_map": "assertions",
-    "device_hops": "assertions",
+    "device_hops": "devices",
     "assert_memory_footprint": "assertions",
     "expected_footprint": "assertions",
     "Footprint": "assertions",

@@ -97,3 +97,21 @@ def _hook_execution_device(hook: Any) -> Any:
         if device is not None:
             return device
     return None
+
+
+def execution_order(model, device_map: dict[str, Any]) -> list[str]:
+    """The entries of ``device_map`` in the order the model's modules are defined (their usual run order)."""
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(device_map, key=lambda entry: position.get(entry, len(position)))
+
+
+def device_hops(model) -> int:
+    """How many times a forward pass crosses from one device to the next, in the map's execution order.
+
+    With naive model parallelism only one device works at a time and each hop is a transfer, so a map
+    that zig-zags (layer 0 on GPU 0, layer 1 on GPU 1, layer 2 on GPU 0) is slower than it needs to be.
+    """
+    from .loading import effective_device_map
+
+    device_map = effective_device_map(model)
+    return execution_order_hops([device_map[e] for e in execution_order(model, device_map)])

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from .errors import LLMLoadError, LLMLoadUsageError
+from .errors import LLMLoadError
 from .session import SESSION_KEY, LLMLoadSession
 from .specs import LLMSpec, make_spec
 

@@ -120,12 +120,10 @@ class DevicePlan:
                 device_label(device), format_size(size), f"{share:.0%}",
                 format_size(budget) if budget is not None else "-", _summarize_modules(modules),
             ))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = [
-            f"plan: {self.strategy}, {self.precision}, model {format_size(self.model_bytes)}",
-        ]
-        for row in rows:
-            lines.append("  ".join(cell.ljust(widths[i]) if i < 4 else cell for i, cell in enumerate(row)).rstrip())
+        from .tables import format_table
+
+        lines = [f"plan: {self.strategy}, {self.precision}, model {format_size(self.model_bytes)}",
+                 format_table(rows[0], rows[1:])]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 

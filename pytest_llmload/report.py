@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from .sizes import format_size
+from .tables import format_table
 
 PROPERTY = "llmload"
 MISSING_PROPERTY = "llmload-missing-hardware"
@@ -41,7 +42,7 @@ def describe_load(model, record) -> dict[str, Any]:
         per_device = {normalize_device(placed[""]): footprint}
         hops = 0
     else:
-        from .assertions import device_hops
+        from .devices import device_hops
 
         per_device = {}
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
@@ -121,12 +122,6 @@ class LoadReport:
                          format_size(cell.get("footprint_bytes", 0)), devices, str(cell.get("device_hops", "-")),
                          str(cell["tests"])))
         return format_table(header, rows)
-
-
-def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    """Columns padded to their widest cell, two spaces apart."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
 
 
 class Reporter:

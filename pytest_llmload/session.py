@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
-
 import pytest
 
 from .errors import LLMLoadError, LLMLoadUsageError

@@ -73,9 +73,9 @@ def _short(value: Any) -> str:
 
 
 def _build_tree(model: Any) -> _Tree:
-    from .validation import _as_model
+    from .validation import as_model
 
-    network = _as_model(model)
+    network = as_model(model)
     no_split_classes = set(getattr(network, "_no_split_modules", None) or [])
     modules = dict(network.named_modules())
     tensors_under: dict[str, set] = {name: set() for name in modules}

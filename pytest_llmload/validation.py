@@ -8,7 +8,7 @@ from typing import Any
 from .devices import normalize_device, resolve
 
 
-def _as_model(model: Any):
+def as_model(model: Any):
     """A module to check against: the model itself, or a meta-device model built from an id/config."""
     if hasattr(model, "named_parameters"):
         return model
@@ -67,7 +67,7 @@ def validate_device_map(model: Any, device_map: dict[str, Any], *, gpus: int | N
             raise LLMLoadUsageError(
                 f"validate_device_map: map key {entry!r} ({type(entry).__name__}) is not a module name; keys are "
                 f"strings such as 'model.layers.0' ('' for the whole model)")
-    network = _as_model(model)
+    network = as_model(model)
     problems: list[str] = []
     modules = dict(network.named_modules())
     # remove_duplicate=False: a tied weight is one tensor under two names, and each name needs a device

@@ -1,0 +1,1 @@
+"""The checks behind :mod:`pytest_llmload.assertions`, one private module per domain."""
