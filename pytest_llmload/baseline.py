@@ -1,4 +1,10 @@
-"""Footprint baselines: each cell's ``get_memory_footprint()`` recorded once, later runs checked against it."""
+"""Footprint baselines: each cell's ``get_memory_footprint()`` recorded once, later runs checked against it.
+
+Cells are keyed by :meth:`LLMSpec.portable_key` (``builtin:tiny-llama auto fp16``,
+``models/ckpt cuda0 int8``): unique per cell and the same on every machine (a local checkpoint by its
+path relative to the project's root folder), so two checkpoints whose folders share a name never share
+an entry.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ class Baseline:
     def load(cls, path: str, tolerance: float) -> "Baseline":
         if not os.path.exists(path):
             return cls(path, tolerance, None)
-        expected = 'expected JSON {"footprints": {cell id: bytes > 0}}'
+        expected = 'expected JSON {"footprints": {cell: bytes > 0}}'
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -47,9 +53,10 @@ class Baseline:
             footprints[str(key)] = int(value)
         return cls(path, tolerance, footprints)
 
-    def regression(self, cell_id: str, footprint: int) -> str | None:
-        """The failure message when ``footprint`` grew beyond the tolerance over the recorded one."""
-        old = self.footprints.get(cell_id)
+    def regression(self, key: str, cell_id: str, footprint: int) -> str | None:
+        """The failure message when ``footprint`` grew beyond the tolerance over the one recorded for ``key``
+        (the cell's portable key); ``cell_id`` is its label, for the message."""
+        old = self.footprints.get(key)
         if old is None or footprint <= old * (1 + self.tolerance):
             return None
         return (
@@ -62,8 +69,8 @@ class Baseline:
         """Record footprints of cells the baseline does not have yet (existing entries are kept)."""
         from .options import write_atomically
 
-        new = {c["id"]: c["footprint_bytes"] for c in cells
-               if c.get("footprint_bytes") and c["id"] not in self.footprints}
+        new = {c["baseline_key"]: c["footprint_bytes"] for c in cells
+               if c.get("footprint_bytes") and c.get("baseline_key") and c["baseline_key"] not in self.footprints}
         if not new and self.existed:
             return
         known = {**self.footprints, **new}

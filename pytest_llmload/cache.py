@@ -102,7 +102,8 @@ class ModelCache:
     # -- models ----------------------------------------------------------------------------
     @staticmethod
     def key(spec: LLMSpec, kwargs: dict[str, Any]) -> tuple:
-        return (spec.model, spec.device_map_spec.key, spec.precision, spec.max_memory, _kwargs_key(kwargs))
+        """The cell (its frozen spec) and any extra from_pretrained kwargs a caller gave."""
+        return (spec, _kwargs_key(kwargs))
 
     def get(self, spec: LLMSpec, **kwargs: Any) -> Any:
         """The model for ``spec`` (and extra ``from_pretrained`` kwargs), loading it on first use."""

@@ -52,16 +52,11 @@ def describe_load(model, record) -> dict[str, Any]:
         hops = device_hops(model)
     spec = record.spec
     return {
-        "key": cell_key(spec), "kind": record.kind,
+        "key": spec.key, "kind": record.kind,
         "id": spec.id, "model": spec.model, "device_map": spec.device_map, "precision": spec.precision,
         "load_seconds": round(record.load_seconds, 4), "footprint_bytes": footprint,
         "bytes_per_device": per_device, "device_hops": hops, "notes": list(record.info.notes),
     }
-
-
-def cell_key(spec) -> str:
-    """Unique per cell (two checkpoints may share a label, and so an id)."""
-    return f"{spec.model} {spec.device_map_spec.key} {spec.precision}"
 
 
 class LoadReport:
@@ -101,7 +96,8 @@ class LoadReport:
                 f"used {tests} time(s)")
 
     def to_json(self) -> dict[str, Any]:
-        cells = [{k: v for k, v in self.cells[key].items() if k != "key"} for key in sorted(self.cells)]
+        cells = [{k: v for k, v in self.cells[key].items() if k not in ("key", "baseline_key")}
+                 for key in sorted(self.cells)]
         return {**SCHEMA, "cells": sorted(cells, key=lambda c: c["id"]),
                 "tests": sorted(self.tests, key=lambda t: t["nodeid"]), "notes": list(self.notes)}
 
@@ -147,15 +143,16 @@ class Reporter:
     # -- what the running process records ---------------------------------------------------------
     def record_load(self, entry) -> None:
         load = describe_load(entry.model, entry.record)
+        load["baseline_key"] = entry.record.spec.portable_key(self.config.rootpath)
         self.pending_loads.append(load)
         if self.baseline is not None:
-            message = self.baseline.regression(load["id"], load["footprint_bytes"])
+            message = self.baseline.regression(load["baseline_key"], load["id"], load["footprint_bytes"])
             if message:
                 self.regressions[load["key"]] = message
 
     def note_use(self, spec) -> str | None:
         """The running test used ``spec``'s model; returns its footprint regression message, if any."""
-        key = cell_key(spec)
+        key = spec.key
         self.used.add(key)
         return self.regressions.get(key)
 

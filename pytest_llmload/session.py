@@ -31,7 +31,7 @@ class LLMLoadSession:
         self._cache = None
         self._inventory = None
         self._bitsandbytes_probed = False
-        self._needs: dict[tuple, dict] = {}
+        self._needs: dict[LLMSpec, dict] = {}
         self._map_problems: dict[tuple, list[str]] = {}
         self._regressions: list[str] = []  # footprint regressions of the cells the running test used
         self.worker_note = os.environ.get("LLMLOAD_WORKER_GPUS_NOTE")
@@ -172,7 +172,7 @@ class LLMLoadSession:
             return []
         from .fit import fit_problems, free_memory, weights_upper_bound
 
-        key = (spec.model, spec.device_map_spec.key, spec.precision, spec.max_memory)
+        key = spec
         try:
             bound = weights_upper_bound(spec)
             if bound is not None and key not in self._needs:
@@ -191,7 +191,7 @@ class LLMLoadSession:
             return []  # the load itself reports a broken config, with its own message
         return problems
 
-    def _need_and_free(self, spec: LLMSpec, key: tuple, fresh: bool = False):
+    def _need_and_free(self, spec: LLMSpec, key: LLMSpec, fresh: bool = False):
         from .fit import cell_need, free_memory
 
         free = free_memory(self.gpus, current=True)
@@ -327,10 +327,8 @@ class LLMLoadSession:
 
 def matrix_ids(cells: list[LLMSpec]) -> list[str]:
     """Readable test ids, unique: cells whose labels collide get a short hash of what tells them apart."""
-    from .report import cell_key
-
     labels = [c.id for c in cells]
-    return [f"{c.id}-{hashlib.sha1(cell_key(c).encode()).hexdigest()[:6]}" if labels.count(c.id) > 1 else c.id
+    return [f"{c.id}-{hashlib.sha1(c.key.encode()).hexdigest()[:6]}" if labels.count(c.id) > 1 else c.id
             for c in cells]
 
 

@@ -368,6 +368,28 @@ class LLMSpec:
     def max_memory_dict(self) -> dict | None:
         return dict(self.max_memory) if self.max_memory else None
 
+    @property
+    def key(self) -> str:
+        """The cell's identity as one string (unique per cell, also where two labels collide): what the
+        report merges on across processes. In one process the frozen spec itself is the key."""
+        budget = f" max_memory={json.dumps(self.max_memory_dict, sort_keys=True)}" if self.max_memory else ""
+        return f"{self.model} {self.device_map_spec.key} {self.precision}{budget}"
+
+    def portable_key(self, root: str | os.PathLike | None = None) -> str:
+        """The cell's identity as it reads on any machine (the footprint baseline's key): a local
+        checkpoint by its path relative to ``root`` (the project's root folder), not an absolute path."""
+        model = self.model
+        if self.model_spec.kind == "path" and root is not None:
+            try:
+                model = Path(self.model_spec.source).relative_to(Path(root).resolve()).as_posix()
+            except ValueError:
+                pass
+        kind = self.device_map_spec.kind
+        device_map = (self.device_map_spec.label if kind in ("strategy", "process", "device")
+                      else json.dumps(self.device_map, sort_keys=True, separators=(",", ":")))
+        budget = f" max_memory={json.dumps(self.max_memory_dict, sort_keys=True)}" if self.max_memory else ""
+        return f"{model} {device_map} {self.precision}{budget}"
+
     def __repr__(self) -> str:
         return f"LLMSpec(model={self.model!r}, device_map={self.device_map!r}, precision={self.precision!r})"
 

@@ -207,9 +207,9 @@ def test_footprint_baseline_records_then_fails_on_growth(pytester):
     args = ["--llm-precision=fp16", "--llm-footprint-baseline=footprints.json"]
     pytester.runpytest(*args).assert_outcomes(passed=1)
     baseline = json.loads((pytester.path / "footprints.json").read_text())
-    assert baseline["footprints"] == {"tiny-llama-auto-fp16": 378048}
+    assert baseline["footprints"] == {"builtin:tiny-llama auto fp16": 378048}
     pytester.runpytest(*args).assert_outcomes(passed=1)  # unchanged: passes
-    baseline["footprints"]["tiny-llama-auto-fp16"] = 300000  # as if the model grew by 26%
+    baseline["footprints"]["builtin:tiny-llama auto fp16"] = 300000  # as if the model grew by 26%
     (pytester.path / "footprints.json").write_text(json.dumps(baseline))
     result = pytester.runpytest(*args)
     result.assert_outcomes(failed=1)  # the test fails (not an error at setup), as README says

@@ -55,8 +55,8 @@ def test_ini_paths_resolve_against_the_ini_folder(pytester, monkeypatch):
     pytester.runpytest().assert_outcomes(passed=1)
     baseline = pytester.path / "footprints.json"
     recorded = json.loads(baseline.read_text())
-    assert recorded["footprints"] == {"tiny-llama-cpu-fp16": 378048}
-    recorded["footprints"]["tiny-llama-cpu-fp16"] = 300000  # a real regression
+    assert recorded["footprints"] == {"builtin:tiny-llama cpu fp16": 378048}
+    recorded["footprints"]["builtin:tiny-llama cpu fp16"] = 300000  # a real regression
     baseline.write_text(json.dumps(recorded))
     monkeypatch.chdir(tests)  # pytest started from tests/: the ini's paths still mean the ini's folder
     result = pytester.runpytest()
@@ -220,3 +220,18 @@ def test_readme_gpu_ci_command_runs_under_xdist(pytester, monkeypatch):
     result = pytester.runpytest_subprocess("-n", "2", "--llm-gpus-per-worker=1", "--llm-require-gpus=3")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: --llm-require-gpus=3: this GPU CI job needs 3 visible GPUs; found 2"])
+
+
+def test_checkpoints_that_share_a_folder_name_keep_separate_baselines(pytester):
+    """Two local checkpoints named alike (a/ckpt, b/ckpt) used to share one baseline entry, and the next
+    unchanged run failed one of them with "footprint grew"."""
+    shutil.copytree(builtin_path("tiny-gpt2"), pytester.path / "a" / "ckpt")
+    shutil.copytree(builtin_path("tiny-llama"), pytester.path / "b" / "ckpt")
+    pytester.makeini("[pytest]\nllm_models = a/ckpt, b/ckpt\nllm_precisions = fp32\n")
+    pytester.makepyfile("def test_x(llm_model): pass")
+    args = ["--llm-footprint-baseline=footprints.json"]
+    pytester.runpytest(*args).assert_outcomes(passed=2)
+    recorded = json.loads((pytester.path / "footprints.json").read_text())["footprints"]
+    assert sorted(recorded) == ["a/ckpt auto fp32", "b/ckpt auto fp32"]  # relative to the project: portable
+    assert recorded["a/ckpt auto fp32"] != recorded["b/ckpt auto fp32"]
+    pytester.runpytest(*args).assert_outcomes(passed=2)  # unchanged: both pass
