@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "loading",
+    "prepare_load": "loading",
+    "LoadCall": "loading",
     "load_tokenizer": "loading",
     "load_config": "loading",
     "effective_device_map": "loading",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import shutil
-import tempfile
 import time
 import weakref
 from collections import OrderedDict
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from .errors import LLMLoadError, ModelLoadError
-from .loading import LoadInfo, load_config, load_model, load_tokenizer, needs_offload_folder
+from .loading import LoadCall, load_config, load_tokenizer, needs_offload_folder, prepare_load
 from .specs import LLMSpec
 
 
@@ -29,7 +28,7 @@ class LoadRecord:
     """What the session keeps of one load after the model itself is released (for the report)."""
 
     spec: LLMSpec
-    info: LoadInfo
+    info: LoadCall  # what the load did: resolved map, notes, offload folder
     load_seconds: float
     kind: str = "load"  # "load" (first, cached), "reload" (cached again after eviction) or "private"
     uses: int = 1
@@ -43,7 +42,6 @@ class LoadRecord:
 class CachedModel:
     model: Any
     record: LoadRecord
-    finalizer: Any = None  # removes the offload folder the cache made for this model
 
 
 def release_memory() -> None:
@@ -80,24 +78,25 @@ class ModelCache:
         self.on_load: list[Callable[[CachedModel], None]] = []
         self._offload_root: str | None = None
         self._finalizer = weakref.finalize(self, _remove_root, None)
-        self._private_folders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._private_calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # -- offload folders -------------------------------------------------------------------
-    def offload_folder(self) -> str:
-        """A fresh folder under this session's offload root (removed by :meth:`close`)."""
+    def offload_root(self) -> str:
+        """This session's folder for offloaded weights (each load makes its own folder inside it;
+        the root is removed by :meth:`close`)."""
         if self._offload_root is None:
             from .safety import session_folder
 
             self._offload_root = session_folder()
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _remove_root, self._offload_root)
-        return tempfile.mkdtemp(prefix="offload-", dir=self._offload_root)
+        return self._offload_root
 
     def release_private(self, model: Any) -> None:
         """Remove the offload folder of a private copy now (its test is over), not when it is collected."""
-        finalizer = self._private_folders.pop(model, None)
-        if finalizer is not None:
-            finalizer()
+        call = self._private_calls.pop(model, None)
+        if call is not None:
+            call.release()
 
     # -- models ----------------------------------------------------------------------------
     @staticmethod
@@ -130,8 +129,8 @@ class ModelCache:
         copy is garbage collected, whichever comes first.
         """
         entry = self._load(spec, kwargs, None)
-        if entry.finalizer is not None:
-            self._private_folders[entry.model] = entry.finalizer
+        if entry.record.info.offload_folder is not None:
+            self._private_calls[entry.model] = entry.record.info
         return entry.model
 
     def _load(self, spec: LLMSpec, kwargs: dict[str, Any], key: tuple | None) -> CachedModel:
@@ -141,34 +140,28 @@ class ModelCache:
         config = call.pop("config", None)
         if config is None:
             config = self.check_config(spec, trust_remote_code=trust_remote_code)
-        info = LoadInfo()
-        own_folder = None
-        if "offload_folder" not in call and needs_offload_folder(spec.device_map, spec.max_memory):
-            own_folder = call["offload_folder"] = self.offload_folder()
         start = time.perf_counter()
         try:
-            model = load_model(
+            info = prepare_load(
                 spec.model_spec,
                 device_map=spec.device_map_spec,
                 precision=spec.precision,
                 max_memory=spec.max_memory_dict,
                 trust_remote_code=trust_remote_code,
                 allow_pickle=allow_pickle,
-                info=info,
                 config=config,
+                offload_parent=self.offload_root() if needs_offload_folder(spec.device_map, spec.max_memory)
+                else None,
                 **call,
             )
-        except BaseException as exc:
-            _remove_tree(own_folder)
-            if isinstance(exc, ModelLoadError):
-                if key is not None:
-                    self._failures[key] = str(exc)
-                release_memory()  # whatever the failed load allocated goes now, not at the next gc
+            model = info.run()
+        except ModelLoadError as exc:
+            if key is not None:
+                self._failures[key] = str(exc)
+            release_memory()  # whatever the failed load allocated goes now, not at the next gc
             raise
         kind = "private" if key is None else "reload" if key in self._loaded_keys else "load"
         entry = CachedModel(model, LoadRecord(spec, info, time.perf_counter() - start, kind=kind))
-        if own_folder is not None:  # the offloaded weights go with the model (evicted or private)
-            entry.finalizer = weakref.finalize(model, _remove_tree, own_folder)
         self.loads += 1
         self.history.append(entry.record)
         if key is not None:  # cached before the callbacks run: a failing callback cannot lose the model

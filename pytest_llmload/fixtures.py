@@ -89,7 +89,7 @@ class ModelLoader:
 
     def __call__(self, model=None, *, device_map=None, precision=None, max_memory=None, private=False, **kwargs):
         with _clean_errors():
-            from .loading import reconcile_precision
+            from .precision import reconcile_precision
 
             if kwargs.get("config", 0) is None:
                 kwargs.pop("config")  # None means "read it", as from_pretrained takes it

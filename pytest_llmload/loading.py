@@ -6,9 +6,7 @@ torch and transformers are imported inside the functions, so importing this modu
 from __future__ import annotations
 
 import os
-import warnings
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,33 +20,56 @@ from .specs import (
     parse_max_memory,
     parse_model,
     is_whole_number,
-    parse_precision,
 )
 
-# BitsAndBytesConfig fields that transformers 4 let users pass straight to from_pretrained.
-_LEGACY_BNB_KWARGS = (
-    "load_in_8bit",
-    "load_in_4bit",
-    "llm_int8_threshold",
-    "llm_int8_skip_modules",
-    "llm_int8_enable_fp32_cpu_offload",
-    "llm_int8_has_fp16_weight",
-    "bnb_4bit_compute_dtype",
-    "bnb_4bit_quant_type",
-    "bnb_4bit_use_double_quant",
-    "bnb_4bit_quant_storage",
-)
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _ACCELERATOR_FREE = {"cpu", "disk", "meta"}
 
 
 @dataclass
-class LoadInfo:
-    """What a load did beyond what the caller asked: resolved map, notes, offload folder."""
+class LoadCall:
+    """What ``from_pretrained`` will be called with, and who owns what the load leaves behind.
 
+    Made by :func:`prepare_load`, the one load path of :func:`load_model`, the session cache and the
+    fixtures. The offload folder it made (if any) is its own: removed when a load fails, and when the
+    loaded model is garbage collected (or at once with :meth:`release`).
+    """
+
+    model: ModelSpec
+    cls: Any
+    source: str
+    kwargs: dict[str, Any]
+    precision: str
     device_map: Any = None
     notes: list[str] = field(default_factory=list)
     offload_folder: str | None = None
+    allow_pickle: bool = False
+    _remove_folder: Any = field(default=None, repr=False)
+    _finalizer: Any = field(default=None, repr=False)
+
+    def run(self):
+        """Call ``from_pretrained``; any failure is one :class:`ModelLoadError` line naming the model."""
+        from .quiet import quiet_loading
+
+        try:
+            with quiet_loading():
+                loaded = self.cls.from_pretrained(self.source, **self.kwargs)
+        except BaseException as exc:
+            self.release()
+            if isinstance(exc, Exception) and not isinstance(exc, LLMLoadUsageError):
+                raise ModelLoadError(_load_error(self.model, self.source, exc, self.allow_pickle)) from None
+            raise
+        if self._remove_folder is not None:
+            self._finalizer = weakref.finalize(loaded, self._remove_folder, self.offload_folder)
+        return loaded
+
+    def release(self) -> None:
+        """Remove the offload folder this load made, now (its model is no longer needed)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        elif self._remove_folder is not None:
+            self._remove_folder(self.offload_folder)
+        self._remove_folder = None
 
 
 def resolve_source(model: ModelSpec) -> str:
@@ -152,139 +173,6 @@ def model_class_for(config, override: Any = None):
     return transformers.AutoModel
 
 
-def quantization_config_for(precision: str, **overrides):
-    """The ``BitsAndBytesConfig`` for int8/nf4/fp4, or ``None`` for a float precision."""
-    if precision not in QUANTIZED_PRECISIONS:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if precision == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, **overrides)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=precision, **overrides)
-
-
-def translate_legacy_kwargs(kwargs: dict[str, Any]) -> str | None:
-    """Turn transformers-4 style ``load_in_8bit=True`` (and friends) into a ``quantization_config``.
-
-    Mutates ``kwargs``; returns the precision it implies, or None. Warns with a DeprecationWarning.
-    """
-    legacy = {k: kwargs.pop(k) for k in _LEGACY_BNB_KWARGS if k in kwargs}
-    if not legacy:
-        return None
-    if kwargs.get("quantization_config") is not None:
-        raise LLMLoadUsageError(
-            f"pass either quantization_config or {', '.join(sorted(legacy))}, not both"
-        )
-    eight, four = legacy.pop("load_in_8bit", False), legacy.pop("load_in_4bit", False)
-    if eight and four:
-        raise LLMLoadUsageError("load_in_8bit=True and load_in_4bit=True together: choose one")
-    if not (eight or four):
-        if legacy:
-            raise LLMLoadUsageError(
-                f"{', '.join(sorted(legacy))} given without load_in_8bit=True or load_in_4bit=True"
-            )
-        return None
-    precision = "int8" if eight else legacy.get("bnb_4bit_quant_type", "nf4")
-    warnings.warn(
-        f"{'load_in_8bit' if eight else 'load_in_4bit'}=True was removed from from_pretrained in transformers 5; "
-        f"pytest-llmload translated it to quantization_config=BitsAndBytesConfig(...) "
-        f"(use precision={precision!r} instead)",
-        DeprecationWarning,
-        stacklevel=4,
-    )
-    from transformers import BitsAndBytesConfig
-
-    kwargs["quantization_config"] = BitsAndBytesConfig(
-        load_in_8bit=bool(eight), load_in_4bit=bool(four), **legacy
-    )
-    return precision
-
-
-def _precision_of_quantization(config: Any) -> str | None:
-    if getattr(config, "load_in_8bit", False):
-        return "int8"
-    if getattr(config, "load_in_4bit", False):
-        return str(getattr(config, "bnb_4bit_quant_type", "nf4"))
-    return None  # another quantization method: nothing to compare with
-
-
-def _precision_of_dtype(dtype: Any) -> str | None:
-    name = str(dtype).replace("torch.", "").strip().lower()
-    return {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}.get(name)
-
-
-def reconcile_precision(precision: Any, kwargs: dict[str, Any]) -> str | None:
-    """The one precedence rule between ``precision`` and the ``from_pretrained`` kwargs that also mean one.
-
-    ``dtype=``/``torch_dtype=``, ``quantization_config=`` and the legacy ``load_in_8bit=``/``load_in_4bit=``
-    set the precision when ``precision`` is not given (None); when it is given they must agree with it
-    (``dtype=`` may accompany a quantized precision: it is then the dtype of the modules left unquantized).
-    A contradiction is one :class:`LLMLoadUsageError`. Mutates ``kwargs`` (legacy kwargs translated, a
-    dtype that the precision already sets removed); returns the precision, or None when nothing says one.
-    """
-    chosen = parse_precision(precision) if precision is not None else None
-    legacy = translate_legacy_kwargs(kwargs)
-    implied: list[tuple[str, str]] = []
-    if legacy is not None:
-        implied.append(("the legacy bitsandbytes kwargs", legacy))
-    elif kwargs.get("quantization_config") is not None:
-        quantized = _precision_of_quantization(kwargs["quantization_config"])
-        if quantized is not None:
-            implied.append(("quantization_config", quantized))
-    dtype_keys = [k for k in ("dtype", "torch_dtype") if kwargs.get(k) not in (None, "auto")]
-    for key in dtype_keys:
-        floating = _precision_of_dtype(kwargs[key])
-        if floating is None:
-            raise LLMLoadUsageError(f"{key}={kwargs[key]!r} is not a float dtype: expected torch.float32, "
-                                    "torch.float16 or torch.bfloat16 (or precision=...)")
-        if not any(p in QUANTIZED_PRECISIONS for _, p in implied) and chosen not in QUANTIZED_PRECISIONS:
-            implied.append((f"{key}={kwargs[key]}", floating))
-    for source, meaning in implied:
-        if chosen is None:
-            chosen = meaning
-        elif chosen != meaning:
-            raise LLMLoadUsageError(
-                f"precision={precision!r} contradicts {source} (which mean{'s' if '=' in source else ''} "
-                f"{meaning!r}): pass one of them"
-            )
-    if chosen is not None and chosen not in QUANTIZED_PRECISIONS:
-        for key in dtype_keys:  # the precision sets dtype itself
-            kwargs.pop(key)
-    for key in ("dtype", "torch_dtype"):
-        if key in kwargs and kwargs[key] in (None, "auto") and chosen is not None:
-            kwargs.pop(key)
-    return chosen
-
-
-# Keyword arguments from_pretrained takes for itself; any other kwarg that names a config attribute
-# (num_labels=3, use_cache=False...) overrides the config, as from_pretrained does when it reads the config.
-_FROM_PRETRAINED_OWN = {
-    "adapter_kwargs", "adapter_name", "allow_all_kernels", "attn_implementation", "cache_dir", "commit_message",
-    "config", "create_pr", "device_map", "device_mesh", "disable_mmap", "distributed_config", "dtype",
-    "experts_implementation", "force_download", "fusion_config", "generation_config", "gguf_file",
-    "ignore_mismatched_sizes", "kernel_config", "key_mapping", "local_files_only", "max_memory",
-    "offload_buffers", "offload_folder", "output_loading_info", "proxies", "quantization_config", "revision",
-    "state_dict", "subfolder", "token", "torch_dtype", "tp_plan", "tp_size", "tqdm_class", "trust_remote_code",
-    "use_kernels", "use_safetensors", "variant", "weights_only",
-}
-
-
-def apply_config_overrides(config: Any, kwargs: dict[str, Any]) -> Any:
-    """Move kwargs that name config attributes onto a copy of ``config`` (mutates ``kwargs``)."""
-    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in _FROM_PRETRAINED_OWN and hasattr(config, k)}
-    if not overrides:
-        return config
-    import copy
-
-    config = copy.deepcopy(config)
-    for key, value in overrides.items():
-        current = getattr(config, key)
-        if isinstance(value, dict) and hasattr(current, "to_dict") and hasattr(current, "__class__"):
-            value = current.__class__(**{**current.to_dict(), **value})
-        setattr(config, key, value)
-    return config
-
-
 def local_process_index() -> int:
     """The process's index on its node under ``accelerate launch`` or ``torchrun`` (0 otherwise)."""
     for var in ("LOCAL_RANK", "ACCELERATE_LOCAL_PROCESS_INDEX", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
@@ -325,7 +213,7 @@ def quantized_map_problem(precision: str, device_map: Any) -> str | None:
     return None
 
 
-def load_model(
+def prepare_load(
     model: Any,
     *,
     device_map: Any = None,
@@ -334,33 +222,31 @@ def load_model(
     model_class: Any = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
-    info: LoadInfo | None = None,
     config: Any = None,
+    offload_parent: str | None = None,
     **kwargs: Any,
-):
-    """Load ``model`` (``builtin:NAME``, a directory or a hub id) with ``from_pretrained``.
+) -> LoadCall:
+    """Everything ``from_pretrained`` will be called with, checked, without loading a weight.
 
-    ``precision`` is one of auto, fp32, fp16, bf16, int8, nf4, fp4; ``device_map`` anything
-    ``--llm-device-map`` accepts (default: none, i.e. transformers' own default placement).
-    Disk entries get a temporary offload folder, removed when the model is garbage collected.
-    Safetensors weights only, unless ``allow_pickle=True``; checkpoint code only with ``trust_remote_code``.
+    The config is read once here (or given, already read) and handed to ``from_pretrained``. A load
+    that may put weights on disk gets an offload folder of its own, in ``offload_parent`` (the session
+    cache's folder) or in a new folder that only this process owns.
     """
+    from .precision import apply_config_overrides, quantization_config_for, reconcile_precision
+
     spec = parse_model(model)
-    info = info if info is not None else LoadInfo()
     precision = reconcile_precision(precision, kwargs) or "auto"
     budget = parse_max_memory(max_memory)
-
     resolved_map = resolve_device_map(parse_device_map(device_map)) if device_map is not None else None
     problem = quantized_map_problem(precision, resolved_map)
     if problem and kwargs.get("quantization_config") is None:
         raise LLMLoadUsageError(problem)
-    info.device_map = resolved_map
 
-    # The config is read once here (or given, already read) and handed to from_pretrained, not re-read.
     config = config if config is not None else load_config(spec, trust_remote_code=trust_remote_code)
     config = apply_config_overrides(config, kwargs)
     cls = model_class_for(config, model_class)
     source = resolve_source(spec)
+    notes: list[str] = []
 
     call: dict[str, Any] = {"trust_remote_code": trust_remote_code, "config": config}
     if _is_local(spec):
@@ -393,7 +279,7 @@ def load_model(
         overrides = {}
         if devices & {"cpu", "disk"} and devices - _ACCELERATOR_FREE:
             overrides["llm_int8_enable_fp32_cpu_offload"] = True
-            info.notes.append("fp32-cpu-offload: modules on cpu/disk stay in fp32")
+            notes.append("fp32-cpu-offload: modules on cpu/disk stay in fp32")
         call["quantization_config"] = quantization_config_for(precision, **overrides)
     if resolved_map is not None:
         call["device_map"] = resolved_map
@@ -401,68 +287,52 @@ def load_model(
         call["max_memory"] = budget
     call.update(kwargs)
 
-    own_folder = None
+    remove = None
     if "offload_folder" not in call and needs_offload_folder(call.get("device_map"), call.get("max_memory")):
-        from .safety import remove_owned_folder, session_folder
+        if offload_parent is not None:
+            import tempfile
 
-        own_folder = session_folder()
-        call["offload_folder"] = own_folder
-    info.offload_folder = call.get("offload_folder")
-    try:
-        with quiet_loading():
-            loaded = cls.from_pretrained(source, **call)
-    except BaseException as exc:
-        if own_folder is not None:
-            remove_owned_folder(own_folder)
-        if isinstance(exc, Exception) and not isinstance(exc, LLMLoadUsageError):
-            raise ModelLoadError(_load_error(spec, source, exc, allow_pickle)) from None
-        raise
-    if own_folder is not None:
-        weakref.finalize(loaded, remove_owned_folder, own_folder)
-    return loaded
+            call["offload_folder"] = tempfile.mkdtemp(prefix="offload-", dir=offload_parent)
+            remove = _remove_tree
+        else:
+            from .safety import remove_owned_folder, session_folder
+
+            call["offload_folder"] = session_folder()
+            remove = remove_owned_folder
+    return LoadCall(spec, cls, source, call, precision, resolved_map, notes, call.get("offload_folder"),
+                    allow_pickle, remove)
 
 
-@contextmanager
-def quiet_loading():
-    """No "Loading weights" progress bars in every captured stderr, and no deprecation noise from
-    importing bitsandbytes (pytest-llmload chooses when that import happens, so it keeps it quiet)."""
-    import logging
+def _remove_tree(path: str) -> None:
+    import shutil
 
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    catcher = _LoadReportCatcher()
-    handlers = logging.getLogger("transformers").handlers
-    for handler in handlers:
-        handler.addFilter(catcher)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method.*", category=DeprecationWarning)
-            yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(catcher)
-        if bars:
-            hf_logging.enable_progress_bar()
-    for report in catcher.reports:  # in the test's warnings, not on a worker's raw stderr after the summary
-        warnings.warn(report, UserWarning, stacklevel=3)
+    shutil.rmtree(path, ignore_errors=True)
 
 
-class _LoadReportCatcher:
-    """A logging filter that takes transformers' LOAD REPORT (missing/unexpected keys) off the stream."""
+def load_model(
+    model: Any,
+    *,
+    device_map: Any = None,
+    precision: str | None = None,
+    max_memory: Any = None,
+    model_class: Any = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    config: Any = None,
+    **kwargs: Any,
+):
+    """Load ``model`` (``builtin:NAME``, a directory or a hub id) with ``from_pretrained``.
 
-    def __init__(self) -> None:
-        self.reports: list[str] = []
-
-    def filter(self, record) -> bool:
-        message = record.getMessage()
-        if "LOAD REPORT" not in message:
-            return True
-        import re
-
-        self.reports.append("transformers: " + re.sub(r"\x1b\[[0-9;]*m", "", message).strip())
-        return False
+    ``precision`` is one of auto, fp32, fp16, bf16, int8, nf4, fp4; ``device_map`` anything
+    ``--llm-device-map`` accepts (default: none, i.e. transformers' own default placement).
+    Disk entries get a temporary offload folder, removed when the model is garbage collected.
+    Safetensors weights only, unless ``allow_pickle=True``; checkpoint code only with ``trust_remote_code``.
+    :func:`prepare_load` tells what the load will do (resolved map, notes, offload folder) without loading.
+    """
+    call = prepare_load(model, device_map=device_map, precision=precision, max_memory=max_memory,
+                        model_class=model_class, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                        config=config, **kwargs)
+    return call.run()
 
 
 def needs_offload_folder(device_map: Any, max_memory: Any = None) -> bool:

@@ -191,7 +191,8 @@ def meta_model(model: Any, precision: str | None = "auto", *, device_map: Any = 
     import torch
     from transformers.utils import ContextManagers
 
-    from .loading import load_config, model_class_for, quantization_config_for
+    from .loading import load_config, model_class_for
+    from .precision import quantization_config_for
 
     precision = parse_precision(precision or "auto")
     _, _, _get_dtype, get_hf_quantizer = _planning_functions(quantized=precision in QUANTIZED_PRECISIONS)

@@ -12,7 +12,7 @@ import torch
 import pytest_llmload
 from pytest_llmload import load_model
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload.loading import reconcile_precision
+from pytest_llmload.precision import reconcile_precision
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -13,7 +13,7 @@ import torch
 from pytest_llmload import effective_device_map, load_model, load_tokenizer
 from pytest_llmload.builtin import builtin_path
 from pytest_llmload.errors import LLMLoadUsageError, ModelLoadError
-from pytest_llmload.loading import LoadInfo
+from pytest_llmload.loading import prepare_load
 
 from maps import GPT2_CPU_DISK
 
@@ -73,8 +73,8 @@ def test_cpu_disk_map_really_offloads_and_matches_single_device(tmp_path):
 
 
 def test_own_offload_folder_is_removed_with_the_model(isolated_tmp):
-    info = LoadInfo()
-    model = load_model("builtin:tiny-gpt2", device_map=GPT2_CPU_DISK, info=info)
+    info = prepare_load("builtin:tiny-gpt2", device_map=GPT2_CPU_DISK)
+    model = info.run()
     assert info.offload_folder and os.path.isdir(info.offload_folder)
     assert info.offload_folder.startswith(str(isolated_tmp))
     del model
@@ -124,9 +124,9 @@ def test_legacy_load_in_8bit_is_translated_with_a_deprecation_warning():
 
 def test_process_map_is_this_process_device_without_gpus(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
-    info = LoadInfo()
-    model = load_model("builtin:tiny-llama", device_map="process", info=info)
+    info = prepare_load("builtin:tiny-llama", device_map="process")
     assert info.device_map == {"": "cpu"}
+    model = info.run()
     assert effective_device_map(model) == {"": "cpu"}
 
 
@@ -169,3 +169,17 @@ def test_remote_code_is_refused_unless_trusted(tmp_path):
     (target / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="needs code from the checkpoint.*--llm-trust-remote-code"):
         load_model(str(target))
+
+
+def test_prepare_load_is_the_one_load_path(isolated_tmp):
+    """What load_model, the cache and the fixtures call from_pretrained with, without loading a weight."""
+    call = prepare_load("builtin:tiny-llama", device_map="cpu", precision="fp16", use_cache=False)
+    assert call.kwargs["dtype"] == torch.float16 and call.kwargs["device_map"] == {"": "cpu"}
+    assert call.kwargs["config"].use_cache is False and "use_cache" not in call.kwargs  # a config override
+    assert call.kwargs["local_files_only"] is True and call.kwargs["use_safetensors"] is True
+    assert call.offload_folder is None and os.listdir(isolated_tmp) == []
+    failing = prepare_load("builtin:tiny-gpt2", device_map=GPT2_CPU_DISK, not_an_argument=1)
+    assert os.path.isdir(failing.offload_folder)
+    with pytest.raises(ModelLoadError):
+        failing.run()
+    assert not os.path.exists(failing.offload_folder)  # a failed load leaves no folder
