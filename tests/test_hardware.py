@@ -7,7 +7,6 @@ import os
 import pytest
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload.fit import bytes_per_device, fit_problems
 from pytest_llmload.hardware import (
     GPU,
     Inventory,
@@ -206,64 +205,6 @@ def test_gpu_inventory_fixture(pytester):
     pytester.runpytest().assert_outcomes(passed=1)
 
 
-# -- fit check -------------------------------------------------------------------------------------
-
-
-def test_fit_problems_arithmetic():
-    need = {0: 14 * GiB, 1: 2 * GiB, "cpu": GiB, "disk": 100 * GiB}
-    free = {0: 10 * GiB, 1: 40 * GiB, "cpu": 64 * GiB}
-    assert fit_problems(need, free, margin=0.0) == ["needs ~14.0 GiB on cuda:0, 10.0 GiB free"]
-    assert fit_problems({0: 9 * GiB}, {0: 10 * GiB}, margin=0.0) == []
-    assert fit_problems({0: 9 * GiB}, {0: 10 * GiB}, margin=0.2) == [
-        "needs ~9.0 GiB on cuda:0, 10.0 GiB free (20% kept spare)"]
-    assert fit_problems({0: 9 * GiB}, {0: 10 * GiB}, margin=0.0, context_bytes={0: GiB + 1}) == [
-        "needs ~10.0 GiB (incl. ~1.0 GiB CUDA context) on cuda:0, 10.0 GiB free"]
-    assert fit_problems({2: GiB}, {0: 10 * GiB}, margin=0.0) == ["needs ~1.0 GiB on cuda:2, which is not here"]
-
-
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "nf4"])
-def test_fit_need_matches_the_sizes_accelerate_computes(precision):
-    """What the fit check counts per device equals the sizes accelerate (float) and transformers' quantizer
-    (int8/4-bit) compute for the same meta model, and what the real load reports."""
-    from accelerate.utils import compute_module_sizes
-    from transformers.integrations.accelerate import compute_module_sizes as quantized_sizes
-
-    from pytest_llmload import load_model
-    from pytest_llmload.fit import cell_need
-    from pytest_llmload.planning import meta_model
-
-    mapping = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 1,
-               "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    need = cell_need(make_spec("builtin:tiny-llama", mapping, precision), {})
-    network, quantizer = meta_model("builtin:tiny-llama", precision)
-    sizes = compute_module_sizes(network) if quantizer is None else quantized_sizes(network, quantizer)[0]
-    assert sum(need.values()) == load_model("builtin:tiny-llama", precision=precision,
-                                            device_map="cpu").get_memory_footprint()
-    assert need == {
-        0: sizes["model.embed_tokens"] + sizes["model.layers.0"],
-        1: sizes["model.layers.1"] + sizes["model.layers.2"],
-        "cpu": sizes["model.layers.3"] + sizes["model.norm"] + sizes["model.rotary_emb"] + sizes["lm_head"],
-    }
-    assert sum(need.values()) == sizes[""]
-    if precision == "fp32":
-        buffers = sum(b.numel() * b.element_size() for b in network.buffers())
-        assert sizes[""] == sum(p.numel() * 4 for p in network.parameters()) + buffers
-
-
-def test_bytes_per_device_normalises_device_names():
-    sizes = {"a": 10, "b": 20, "c": 5}
-    assert bytes_per_device({"a": "cuda:1", "b": 1, "c": "cuda"}, sizes) == {1: 30, 0: 5}
-
-
-def test_fit_check_skips_a_cell_that_cannot_fit(pytester):
-    pytester.makepyfile("def test_x(llm_model): pass")
-    # tiny-llama needs ~1 MiB; leave no room by keeping 99.99999% of free RAM spare
-    result = pytester.runpytest("-rs", "--llm-device-map=cpu", "--llm-fit-margin=0.9999999")
-    result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["*needs ~* on cpu, * free (100% kept spare)*"])
-    pytester.runpytest("--llm-device-map=cpu", "--llm-fit-margin=off").assert_outcomes(passed=1)
-
-
 # -- pytest-xdist ----------------------------------------------------------------------------------
 
 
@@ -322,27 +263,3 @@ def test_xdist_run_of_a_small_matrix(pytester):
     )
     result.assert_outcomes(passed=4, skipped=1)
     result.stdout.fnmatch_lines(["*needs 1 GPU; found none; --llm-gpus-per-worker=1 gives worker gw* 0 of 0 visible GPUs*"])
-
-
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "nf4"])
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-t5"])
-def test_cheap_bound_is_an_upper_bound_of_the_real_footprint(name, precision):
-    from pytest_llmload import load_model
-    from pytest_llmload.fit import weights_upper_bound
-
-    bound = weights_upper_bound(make_spec(f"builtin:{name}", "cpu", precision))
-    footprint = load_model(f"builtin:{name}", device_map="cpu", precision=precision).get_memory_footprint()
-    assert footprint <= bound <= 4 * footprint + 2**21
-
-
-def test_cheap_bound_gives_up_on_damaged_files_and_hub_ids(tmp_path):
-    import shutil
-
-    from pytest_llmload.builtin import builtin_path
-    from pytest_llmload.fit import weights_upper_bound
-
-    assert weights_upper_bound(make_spec("org/model", "auto", "fp16")) is None
-    copy = tmp_path / "ckpt"
-    shutil.copytree(builtin_path("tiny-gpt2"), copy)
-    (copy / "model.safetensors").write_bytes(b"\xff" * 16)
-    assert weights_upper_bound(make_spec(str(copy), "auto", "fp16")) is None
