@@ -15,7 +15,8 @@ import warnings
 import torch
 
 from pytest_llmload import load_model
-from pytest_llmload.memory import estimate_training_memory, saved_activation_bytes, track_memory
+from pytest_llmload.estimate import estimate_training_memory
+from pytest_llmload.memory import saved_activation_bytes, track_memory
 from pytest_llmload.sizes import format_size
 
 

@@ -51,7 +51,7 @@ _EXPORTS = {
     "default_inputs": "assertions",
     "prepare_model_for_int8_training": "assertions",
     "plan_device_map": "planning",
-    "estimate_training_memory": "memory",
+    "estimate_training_memory": "estimate",
     "track_memory": "memory",
     "DevicePlan": "planning",
     "parse_fleet": "planning",

@@ -245,7 +245,7 @@ def _fail(command: str, message: str) -> None:
 
 def _cli_wording(exc: Exception) -> str:
     """The library's messages name pytest options and keywords; here the CLI's own flags."""
-    from .memory import LoraTargetsError
+    from .estimate import LoraTargetsError
 
     if isinstance(exc, LoraTargetsError):
         return _lora_targets_message(exc)
@@ -255,7 +255,7 @@ def _cli_wording(exc: Exception) -> str:
 
 
 def _lora_targets_message(exc) -> str:
-    from .memory import default_lora_targets
+    from .estimate import default_lora_targets
 
     layers = ", ".join(exc.layer_names)
     default = default_lora_targets(type("Config", (), {"model_type": exc.model_type})())
@@ -339,7 +339,7 @@ def _estimate(args) -> int:
     else:
         device_map = spec.as_user_value()
 
-    from .memory import estimate_training_memory
+    from .estimate import estimate_training_memory
 
     lora = None
     if args.lora_r is not None:

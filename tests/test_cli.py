@@ -15,7 +15,7 @@ from pytest_llmload import load_model
 from pytest_llmload.builtin import builtin_path
 from pytest_llmload.cli import main
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload.memory import estimate_training_memory
+from pytest_llmload.estimate import estimate_training_memory
 from pytest_llmload.planning import parse_fleet, plan_device_map
 
 

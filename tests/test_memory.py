@@ -10,7 +10,8 @@ import torch
 from pytest_llmload import load_model
 from pytest_llmload.cli import main
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload.memory import ACTIVATION_TOLERANCE, estimate_training_memory, saved_activation_bytes, track_memory
+from pytest_llmload.estimate import ACTIVATION_TOLERANCE, estimate_training_memory
+from pytest_llmload.memory import saved_activation_bytes, track_memory
 
 
 @pytest.fixture(scope="module")
