@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
-from .safety import MARKER as MARKER_NAME  # a staging folder's owner lock, not part of a checkpoint
+from .ownership import MARKER as MARKER_NAME  # a staging folder's owner lock, not part of a checkpoint
 
 FORMAT_VERSION = 1
 MANIFEST = "llmload-manifest.json"
@@ -124,7 +124,7 @@ def builtin_path(name: str) -> Path:
     target = cache_root() / "builtin" / f"{name}-{_fingerprint(model)}"
     if _is_complete(target):
         return target
-    from .safety import owned_folder, release_owned_folder, remove_owned_folder, sweep_dead_staging
+    from .ownership import owned_folder, release_owned_folder, remove_owned_folder, sweep_dead_staging
 
     try:
         if target.exists():  # damaged (files removed or truncated after it was written): rebuild

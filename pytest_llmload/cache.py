@@ -85,7 +85,7 @@ class ModelCache:
         """This session's folder for offloaded weights (each load makes its own folder inside it;
         the root is removed by :meth:`close`)."""
         if self._offload_root is None:
-            from .safety import session_folder
+            from .ownership import session_folder
 
             self._offload_root = session_folder()
             self._finalizer.detach()
@@ -234,6 +234,6 @@ def _remove_tree(path: str | None) -> None:
 
 
 def _remove_root(path: str | None) -> None:
-    from .safety import remove_owned_folder
+    from .ownership import remove_owned_folder
 
     remove_owned_folder(path)

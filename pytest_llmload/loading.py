@@ -295,7 +295,7 @@ def prepare_load(
             call["offload_folder"] = tempfile.mkdtemp(prefix="offload-", dir=offload_parent)
             remove = _remove_tree
         else:
-            from .safety import remove_owned_folder, session_folder
+            from .ownership import remove_owned_folder, session_folder
 
             call["offload_folder"] = session_folder()
             remove = remove_owned_folder

@@ -88,7 +88,7 @@ class LLMLoadSession:
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
-        from .safety import sweep_dead_sessions
+        from .ownership import sweep_dead_sessions
 
         sweep_dead_sessions()  # offload folders of crashed workers (their finalizers never ran)
 

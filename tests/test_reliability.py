@@ -19,7 +19,7 @@ from pytest_llmload import load_model, load_tokenizer
 from pytest_llmload.builtin import builtin_path
 from pytest_llmload.cache import ModelCache
 from pytest_llmload.errors import ModelLoadError
-from pytest_llmload.safety import (
+from pytest_llmload.ownership import (
     SESSION_PREFIX,
     owned_folder,
     remove_owned_folder,
@@ -166,7 +166,7 @@ def test_budget_too_small_for_memory_spills_to_disk_and_is_cleaned_up(pytester, 
 
 def test_folders_of_dead_processes_are_swept(tmp_path):
     # Only folders with the plugin's marker whose owner lock is free are swept (see test_reliability_files.py).
-    code = "from pytest_llmload.safety import session_folder; print(session_folder())"
+    code = "from pytest_llmload.ownership import session_folder; print(session_folder())"
     dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "TMPDIR": str(tmp_path)}).stdout.strip()
     alive = owned_folder(prefix=f"{SESSION_PREFIX}{os.getpid()}-", dir=tmp_path)

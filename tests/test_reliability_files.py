@@ -18,7 +18,7 @@ from pytest_llmload import load_model, load_tokenizer
 from pytest_llmload.builtin import builtin_path
 from pytest_llmload.errors import LLMLoadError, ModelLoadError
 from pytest_llmload.fit import weights_upper_bound
-from pytest_llmload.safety import (
+from pytest_llmload.ownership import (
     MARKER,
     SESSION_PREFIX,
     owned_folder,
@@ -35,7 +35,7 @@ from maps import GPT2_CPU_DISK
 
 _HOLDER = """
 import os, sys, tempfile
-from pytest_llmload.safety import owned_folder, session_folder
+from pytest_llmload.ownership import owned_folder, session_folder
 folders = [session_folder(), owned_folder(prefix=".tiny-llama-%d-" % os.getpid(), dir=sys.argv[1])]
 print(*folders, sep="\\n", flush=True)
 sys.stdin.read()  # alive until the test closes stdin
@@ -173,13 +173,13 @@ def test_a_session_leaves_the_users_own_session_named_folder_alone(pytester, iso
 
 
 def test_without_flock_nothing_is_swept(tmp_path, monkeypatch):
-    code = "from pytest_llmload.safety import session_folder; print(session_folder())"
+    code = "from pytest_llmload.ownership import session_folder; print(session_folder())"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "TMPDIR": str(tmp_path)})
     abandoned = proc.stdout.strip()
-    import pytest_llmload.safety as safety
+    import pytest_llmload.ownership as ownership
 
-    monkeypatch.setattr(safety, "fcntl", None)  # as on Windows: no proof of death, so no sweep
+    monkeypatch.setattr(ownership, "fcntl", None)  # as on Windows: no proof of death, so no sweep
     assert sweep_dead_sessions(str(tmp_path)) == [] and os.path.isdir(abandoned)
     monkeypatch.undo()
     assert sweep_dead_sessions(str(tmp_path)) == [os.path.basename(abandoned)]
@@ -205,7 +205,7 @@ def test_a_run_in_another_pid_namespace_keeps_a_live_sessions_folders(tmp_path, 
     dead.exit()  # a crashed run: its folders must go, which shows the sweep did run over there
     pytester.makepyfile(f"""
         import os
-        from pytest_llmload.safety import sweep_dead_staging
+        from pytest_llmload.ownership import sweep_dead_staging
 
         def test_in_a_fresh_pid_namespace():
             assert os.getpid() < 50  # pid 1 is unshare's child: the holder's pid means nothing here
