@@ -152,3 +152,57 @@ def measure_cuda_context(device: int = 0) -> int:
     torch.zeros(1, device=device)
     free, total = torch.cuda.mem_get_info(device)
     return int(total - free - torch.cuda.memory_reserved(device))
+
+
+class FitChecker:
+    """The fit check of a session: its margin, the CUDA context size (measured once) and the plans it made."""
+
+    def __init__(self, margin: float | None, cuda_context: int | None) -> None:
+        self.margin = margin  # None: the check is off
+        self.cuda_context = cuda_context  # None: measured on the first GPU when first needed
+        self._needs: dict[Any, dict] = {}
+
+    def reasons(self, spec: LLMSpec, cache, inventory) -> list[str]:
+        """Why the cell's weights would not fit the memory free now (empty if they would).
+
+        Models ``cache`` holds are released first if that is what makes room.
+        """
+        from .errors import LLMLoadError
+
+        if self.margin is None or cache.holds(spec):
+            return []
+        try:
+            bound = weights_upper_bound(spec)
+            if bound is not None and spec not in self._needs:
+                # Cheap first: if the whole model fits on every device it could use, no plan is needed.
+                free = free_memory(inventory, current=True)
+                if not fit_problems({d: bound for d in free}, free, margin=self.margin,
+                                    context_bytes=self.context_bytes(inventory)):
+                    return []
+            problems = fit_problems(*self._need_and_free(spec, inventory), margin=self.margin,
+                                    context_bytes=self.context_bytes(inventory))
+            if problems and cache.cache_info().size:
+                cache.clear()
+                problems = fit_problems(*self._need_and_free(spec, inventory, fresh=True), margin=self.margin,
+                                        context_bytes=self.context_bytes(inventory))
+        except LLMLoadError:
+            return []  # the load itself reports a broken config, with its own message
+        return problems
+
+    def _need_and_free(self, spec: LLMSpec, inventory, fresh: bool = False):
+        free = free_memory(inventory, current=True)
+        if fresh or spec not in self._needs:
+            self._needs[spec] = cell_need(spec, free)
+        return self._needs[spec], free
+
+    def context_bytes(self, inventory) -> dict:
+        """CUDA context size for each visible GPU this process has not used yet."""
+        if not inventory.gpus:
+            return {}
+        if self.cuda_context is None:
+            try:
+                self.cuda_context = measure_cuda_context(0)
+            except Exception:  # noqa: BLE001 - a driver that cannot tell: use the usual size
+                self.cuda_context = DEFAULT_CUDA_CONTEXT
+        used = used_gpus()
+        return {g.index: 0 if g.index in used else self.cuda_context for g in inventory.gpus}

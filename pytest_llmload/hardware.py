@@ -254,7 +254,7 @@ def probe_inventory(*, bitsandbytes: bool = True) -> Inventory:
     if bitsandbytes:
         version, backend, error = probe_bitsandbytes("cuda:0" if gpus else "cpu")
     else:
-        version, backend, error = None, None, "not probed"
+        version, backend, error = None, None, None  # not tried: the Gate tries it when a cell needs it
     return Inventory(tuple(gpus), version, backend, error, source)
 
 

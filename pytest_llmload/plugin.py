@@ -53,17 +53,14 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", line)
     manager = LLMLoadSession.from_config(config)
     config.stash[SESSION_KEY] = manager
-    config.pluginmanager.register(manager, "llmload-session")
-    config.pluginmanager.register(manager.reporter, "llmload-reporter")
-    config.pluginmanager.register(manager.affinity, "llmload-affinity")
+    for name, plugin in manager.plugins.items():
+        config.pluginmanager.register(plugin, name)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     manager = config.stash.get(SESSION_KEY, None)
     if manager is not None:
         manager.close()
-        config.pluginmanager.unregister(manager)
-        config.pluginmanager.unregister(manager.reporter)
-        config.pluginmanager.unregister(manager.affinity)
-        manager.affinity.close()
+        for plugin in manager.plugins.values():
+            config.pluginmanager.unregister(plugin)
         del config.stash[SESSION_KEY]

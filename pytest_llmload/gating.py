@@ -1,0 +1,131 @@
+"""The hardware gate: what this process can use, and skipping (or, in GPU CI mode, failing) what it cannot.
+
+``Gate`` probes the GPUs lazily once and tries bitsandbytes only when a quantized cell or a marker
+needs it; the reasons themselves are pure functions in :mod:`pytest_llmload.hardware`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .errors import LLMLoadError, LLMLoadUsageError
+from .marks import parse_mark
+from .specs import QUANTIZED_PRECISIONS, LLMSpec, unique
+
+
+class Gate:
+    """The plugin object behind ``requires_gpus``/``requires_bitsandbytes`` and every cell's hardware check."""
+
+    def __init__(self, options, reporter, fit) -> None:
+        self.options = options
+        self.reporter = reporter
+        self.fit = fit
+        self._inventory = None
+        self._bitsandbytes_probed = False
+        self._map_problems: dict[tuple, list[str]] = {}
+        self.worker_note = os.environ.get("LLMLOAD_WORKER_GPUS_NOTE")
+
+    # -- what this process has ---------------------------------------------------------------------
+    @property
+    def inventory(self):
+        """This process's GPUs and the bitsandbytes backend (tried on first use, once)."""
+        if not self._bitsandbytes_probed:
+            import dataclasses
+
+            from .hardware import probe_bitsandbytes
+
+            gpus = self.gpus
+            version, backend, error = probe_bitsandbytes("cuda:0" if gpus.gpus else "cpu")
+            self._inventory = dataclasses.replace(gpus, bitsandbytes_version=version,
+                                                  bitsandbytes_backend=backend, bitsandbytes_error=error)
+            self._bitsandbytes_probed = True
+        return self._inventory
+
+    @property
+    def gpus(self):
+        """This process's GPUs only: importing and trying bitsandbytes costs seconds, so only when needed."""
+        if self._inventory is None:
+            from .hardware import probe_inventory
+
+            self._inventory = probe_inventory(bitsandbytes=False)
+        return self._inventory
+
+    # -- skip, or fail in GPU CI mode -----------------------------------------------------------------
+    def missing_hardware(self, nodeid: str | None, reasons: list[str]) -> None:
+        """Skip for missing hardware, or fail in GPU CI mode (``--llm-require-gpus``). No-op without reasons."""
+        if not reasons:
+            return
+        message = "; ".join(reasons)
+        if self.options.require_gpus:
+            self.reporter.missing[nodeid or "(llm_load)"] = message
+            pytest.fail(f"{message} (--llm-require-gpus: missing hardware fails instead of skipping)", pytrace=False)
+        raise pytest.skip.Exception(message, _use_item_location=True)
+
+    def check_cell(self, spec: LLMSpec, cache, nodeid: str | None = None, *, own_quantization: bool = False) -> None:
+        """Skip (or fail in strict mode) a cell that cannot run here, before anything loads; fail a cell
+        whose custom map does not fit the model."""
+        from .hardware import cell_reasons
+        from .loading import quantized_map_problem
+
+        problem = quantized_map_problem(spec.precision, spec.device_map)
+        if problem and not own_quantization:
+            raise pytest.skip.Exception(problem, _use_item_location=True)
+        reasons = cell_reasons(spec, self.inventory if spec.precision in QUANTIZED_PRECISIONS else self.gpus)
+        if reasons and self.worker_note and any("GPU" in r or "cuda" in r for r in reasons):
+            reasons.append(self.worker_note)
+        self.missing_hardware(nodeid, reasons)
+        problems = self.map_problems(spec)
+        if problems:
+            raise pytest.fail.Exception(
+                f"device map {spec.device_map_spec.label} does not fit {spec.model}:\n"
+                + "\n".join(f"- {p}" for p in problems), pytrace=False)
+        self.missing_hardware(nodeid, self.fit.reasons(spec, cache, self.gpus))
+
+    def map_problems(self, spec: LLMSpec) -> list[str]:
+        """``validate_device_map`` of a configured custom map against the model (once per model and map)."""
+        if spec.device_map_spec.kind != "custom":
+            return []
+        key = (spec.model_spec, spec.device_map_spec)
+        if key not in self._map_problems:
+            from .validation import validate_device_map
+
+            try:
+                self._map_problems[key] = validate_device_map(spec.model_spec, spec.device_map,
+                                                              gpus=self.gpus.count)
+            except LLMLoadError:
+                self._map_problems[key] = []  # a broken config: the load reports it, naming the file
+        return self._map_problems[key]
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        """Hardware markers: skip (or fail in GPU CI mode) with what was needed and what was found."""
+        from .hardware import bitsandbytes_reasons, gpu_reasons
+
+        gpu_marks = list(item.iter_markers("requires_gpus"))
+        bnb_mark = item.get_closest_marker("requires_bitsandbytes")
+        if not gpu_marks and bnb_mark is None:
+            return
+        reasons: list[str] = []
+        try:
+            for mark in gpu_marks:
+                n, memory = parse_mark(mark, item.nodeid)
+                reasons += gpu_reasons(self.gpus, n, memory)
+            if bnb_mark is not None:
+                parse_mark(bnb_mark, item.nodeid)
+        except LLMLoadUsageError as exc:
+            raise pytest.fail.Exception(str(exc), pytrace=False) from None
+        if reasons and self.worker_note:
+            reasons.append(self.worker_note)
+        if bnb_mark is not None:
+            reasons += bitsandbytes_reasons(self.inventory)
+        self.missing_hardware(item.nodeid, unique(reasons))
+
+    def pytest_report_header(self, config: pytest.Config) -> str:
+        from .hardware import header_line
+
+        if self.options.require_gpus:  # GPU CI: worth the seconds to try bitsandbytes before any test
+            return self.inventory.describe()
+        return self._inventory.describe() if self._inventory is not None else header_line()
