@@ -115,3 +115,9 @@ def device_hops(model) -> int:
 
     device_map = effective_device_map(model)
     return execution_order_hops([device_map[e] for e in execution_order(model, device_map)])
+
+
+def device_order(device: int | str) -> tuple[int, int]:
+    """Sort key of planned devices: GPUs by index, then mps, cpu, disk."""
+    return (0, device) if isinstance(device, int) else (1, ["mps", "cpu", "disk"].index(device) if device in (
+        "mps", "cpu", "disk") else 9)

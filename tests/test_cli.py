@@ -232,9 +232,9 @@ def test_unused_gpu_notes_without_transformers_log_line(monkeypatch):
     """If a transformers release stops logging what a skipped GPU needed, the note still tells skipped from spare."""
     import re
 
-    import pytest_llmload.planning
+    import pytest_llmload.plan_notes
 
-    monkeypatch.setattr(pytest_llmload.planning, "_REQUIRED_RE", re.compile("matches nothing"))
+    monkeypatch.setattr(pytest_llmload.plan_notes, "_REQUIRED_RE", re.compile("matches nothing"))
     skipped = plan_device_map("builtin:tiny-llama", "auto", gpus="4x100KiB", cpu_memory="1GiB")
     assert [n.split(": ", 1)[1].split(" (")[0] for n in skipped.notes] == ["the next module to place did not fit"] * 2
     spare = plan_device_map("builtin:tiny-llama", "sequential", gpus="3x1MiB", cpu_memory="1GiB")
@@ -330,7 +330,7 @@ def test_argument_errors_are_one_line(capsys, argv, needle):
 
 
 def test_an_unexpected_error_is_still_one_line(capsys, monkeypatch):
-    import pytest_llmload.planning
+    import pytest_llmload.plan_notes
 
     def broken(*args, **kwargs):
         raise KeyError(1)
