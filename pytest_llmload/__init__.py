@@ -51,6 +51,7 @@ _EXPORTS = {
     "LLMLoadError": "errors",
     "LLMLoadUsageError": "errors",
     "ModelLoadError": "errors",
+    "virtual_gpus": "virtual",
 }
 
 __all__ = sorted(_EXPORTS)
