@@ -53,6 +53,7 @@ class _Runtime:
         import torch._dynamo  # noqa: F401 - dynamo reads torch.cuda at import; it must see the real one
 
         if importlib.util.find_spec("transformers") is not None:
+            import transformers.core_model_loading  # noqa: F401 - patched below (weight materialization)
             import transformers.modeling_utils  # noqa: F401 - patched below (allocator warmup)
         from . import cuda, tensor
         from .mode import VirtualDeviceMode

@@ -257,6 +257,26 @@ def _skip_allocator_warmup(model, expanded_device_map, hf_quantizer):
     return None
 
 
+def _materialize_onto_cards(fleet: Fleet, original):
+    """transformers 5 reads each checkpoint tensor (``slice[...]``, a fresh CPU tensor) and moves it to its
+    device. A fresh tensor that nobody else holds becomes the card's tensor as it is: no second copy, as on
+    a CPU load. A tensor that is not fresh (a state_dict the caller passed) is copied as usual."""
+    from .mode import resolve_device
+    from .tensor import adopt
+
+    @functools.wraps(original)
+    def _materialize_copy(tensor, device=None, dtype=None):
+        target = resolve_device(fleet, device) if device is not None else None
+        if target is None or target.type != "cuda" or isinstance(tensor, torch.Tensor):
+            return original(tensor, device, dtype)
+        fresh = tensor[...]
+        if dtype is not None and fresh.dtype != dtype:
+            fresh = fresh.to(dtype=dtype)
+        return adopt(fresh, target.index)
+
+    return _materialize_copy
+
+
 def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
     """``(object, attribute, replacement)`` for everything the fleet patches."""
     import sys
@@ -278,4 +298,7 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
     modeling_utils = sys.modules.get("transformers.modeling_utils")
     if modeling_utils is not None and hasattr(modeling_utils, "caching_allocator_warmup"):
         targets.append((modeling_utils, "caching_allocator_warmup", _skip_allocator_warmup))
+    loading = sys.modules.get("transformers.core_model_loading")
+    if loading is not None and hasattr(loading, "_materialize_copy"):
+        targets.append((loading, "_materialize_copy", _materialize_onto_cards(fleet, loading._materialize_copy)))
     return targets

@@ -153,12 +153,16 @@ class Fleet:
         rounded = -(-num_bytes // _ALLOC_ROUND) * _ALLOC_ROUND
         card = self.cards[index]
         with self.lock:
-            if card.allocated + rounded > card.total_memory:
+            allocated = card.allocated + rounded
+            if allocated > card.total_memory:
                 raise self.out_of_memory(index, rounded)
-            card.allocated += rounded
-            card.peak_allocated = max(card.peak_allocated, card.allocated)
-            card.reserved = max(card.reserved, card.allocated)
-            card.peak_reserved = max(card.peak_reserved, card.reserved)
+            card.allocated = allocated
+            if allocated > card.reserved:
+                card.reserved = allocated
+                if allocated > card.peak_reserved:
+                    card.peak_reserved = allocated
+            if allocated > card.peak_allocated:
+                card.peak_allocated = allocated
         return rounded
 
     def free(self, index: int, rounded: int) -> None:

@@ -72,7 +72,15 @@ def move(fleet: Fleet, tensor: torch.Tensor, device: Any, dtype=None, copy=False
 
 
 def _to(fleet, func, args, kwargs):
-    tensor, rest = args[0], list(args[1:])
+    tensor = args[0]
+    if type(tensor) is VirtualTensor and len(args) == 2 and (not kwargs or kwargs.keys() == {"non_blocking"}):
+        # accelerate's hooks send every module input to its device: mostly where it already is
+        device = args[1]
+        if type(device) is torch.device and device.type == "cuda" and device.index == tensor._index:
+            return tensor
+        if type(device) is int and device == tensor._index:
+            return tensor
+    rest = list(args[1:])
     kwargs = dict(kwargs)
     copy = kwargs.pop("copy", False)
     if rest and isinstance(rest[0], torch.Tensor):

@@ -127,28 +127,88 @@ class VirtualTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _NOT_SIMULATED_OPS:
-            raise NotSimulatedError(_NOT_SIMULATED_OPS[func])
-        if func.name().startswith("aten::_foreach_"):
-            return _dispatch_foreach(func, args, kwargs)
-        state = _Unwrap(_CPU_OK_POSITIONS.get(func, ()))
-        uargs = [state.unwrap(a, pos) for pos, a in enumerate(args)]
-        ukwargs = {k: state.unwrap(v, -1) for k, v in kwargs.items()} if kwargs else kwargs
-        state.raise_if_mixed()
-        if func is aten.histc.default and not uargs[0].is_floating_point():
-            # CUDA has an integer histc (Mixtral's router uses it when device.type == "cuda"); the CPU has not.
-            out = func(uargs[0].float(), *uargs[1:], **ukwargs).to(uargs[0].dtype)
+        kind = _OP_KIND.get(id(func))  # OpOverload.__hash__ is Python code; id() is not (ops live forever)
+        if kind is None:
+            kind = _OP_KIND[id(func)] = _op_kind(func)
+        if kind is not _PLAIN:
+            return _dispatch_special(kind, func, args, kwargs or {})
+        # The common case, kept lean: every op of a forward pass comes through here.
+        index = -1
+        uargs = []
+        for a in args:
+            if type(a) is VirtualTensor:
+                if a._index != index:
+                    if index >= 0:
+                        raise mixed_devices_error(f"cuda:{index}", f"cuda:{a._index}")
+                    index = a._index
+                uargs.append(a._elem)
+            elif type(a) is list or type(a) is tuple:
+                state = _Unwrap(())
+                state.index = index
+                uargs.append(state.unwrap(a, 0))
+                state.raise_if_mixed()
+                index = state.index
+            else:
+                uargs.append(a)
+        if kwargs:
+            state = _Unwrap(())
+            state.index = index
+            kwargs = {k: state.unwrap(v, -1) for k, v in kwargs.items()}
+            state.raise_if_mixed()
+            index = state.index
+            out = func(*uargs, **kwargs)
         else:
-            out = func(*uargs, **ukwargs)
-        index = state.index
-        if torch.Tag.inplace_view in func.tags:
-            _sync_wrapper_metadata(func, args, kwargs)
-        return _wrap_outputs(out, index, state.by_id)
+            out = func(*uargs)
+        if type(out) is torch.Tensor:
+            for a in args:  # in-place / out= ops: the caller gets its own tensor back
+                if a is out or (type(a) is VirtualTensor and a._elem is out):
+                    return a
+            if kwargs:
+                for a in kwargs.values():
+                    if type(a) is VirtualTensor and a._elem is out:
+                        return a
+            return adopt(out, index)
+        if isinstance(out, (list, tuple)):
+            by_id = {id(a._elem): a for a in args if type(a) is VirtualTensor}
+            return _wrap_outputs(out, index, by_id)
+        return out
+
+
+_PLAIN = "plain"
+_OP_KIND: dict = {}
+
+
+def _op_kind(func) -> Any:
+    if func in _NOT_SIMULATED_OPS or func in _CPU_OK_POSITIONS or func is aten.histc.default:
+        return "special"
+    if func.name().startswith("aten::_foreach_"):
+        return "foreach"
+    if torch.Tag.inplace_view in func.tags:
+        return "special"
+    return _PLAIN
+
+
+def _dispatch_special(kind, func, args, kwargs):
+    if kind == "foreach":
+        return _dispatch_foreach(func, args, kwargs)
+    if func in _NOT_SIMULATED_OPS:
+        raise NotSimulatedError(_NOT_SIMULATED_OPS[func])
+    state = _Unwrap(_CPU_OK_POSITIONS.get(func, ()))
+    uargs = [state.unwrap(a, pos) for pos, a in enumerate(args)]
+    ukwargs = {k: state.unwrap(v, -1) for k, v in kwargs.items()} if kwargs else kwargs
+    state.raise_if_mixed()
+    if func is aten.histc.default and not uargs[0].is_floating_point():
+        # CUDA has an integer histc (Mixtral's router uses it when device.type == "cuda"); the CPU has not.
+        out = func(uargs[0].float(), *uargs[1:], **ukwargs).to(uargs[0].dtype)
+    else:
+        out = func(*uargs, **ukwargs)
+    if torch.Tag.inplace_view in func.tags:
+        _sync_wrapper_metadata(func, args, kwargs)
+    return _wrap_outputs(out, state.index, state.by_id)
 
 
 class _Unwrap:
-    """Unwraps one op's arguments and records which devices they are on (CUDA's same-device rule)."""
+    """Unwraps arguments (lists one level deep) and records which cards they are on (CUDA's same-device rule)."""
 
     __slots__ = ("cpu_ok", "index", "conflict", "by_id")
 
@@ -156,7 +216,7 @@ class _Unwrap:
         self.cpu_ok = cpu_ok
         self.index: int = -1
         self.conflict: str | None = None
-        self.by_id: dict[int, VirtualTensor] = {}
+        self.by_id: dict[int, torch.Tensor] = {}
 
     def unwrap(self, value: Any, pos: int) -> Any:
         if type(value) is VirtualTensor:
@@ -232,19 +292,47 @@ def _wrap_one(t: torch.Tensor, index: int, by_id: dict[int, VirtualTensor]) -> t
 def adopt(elem: torch.Tensor, index: int, requires_grad: bool = False) -> VirtualTensor:
     """Wrap a CPU tensor as living on card ``index``, charging its storage to the card once."""
     fleet = active_fleet
-    if fleet is not None and elem.device.type == "cpu":
+    if fleet is not None:
         storage = elem.untyped_storage()
         ptr = storage.data_ptr()
         if ptr and ptr not in _charged:
-            rounded = fleet.allocate(index, storage.nbytes())
-            _charged[ptr] = index
-            weakref.finalize(storage, _release, fleet, ptr, index, rounded)
-    return VirtualTensor(elem, index, requires_grad)
+            _charged[ptr] = _Charge(storage, _release, fleet, ptr, index, fleet.allocate(index, storage.nbytes()))
+    out = _make_wrapper(
+        VirtualTensor,
+        elem.size(),
+        strides=elem.stride(),
+        storage_offset=elem.storage_offset(),
+        dtype=elem.dtype,
+        device=_CPU,
+        requires_grad=requires_grad,
+    )
+    out._elem = elem
+    out._index = index
+    return out
 
 
-def _release(fleet: Fleet, ptr: int, index: int, rounded: int) -> None:
-    _charged.pop(ptr, None)
-    fleet.free(index, rounded)
+_make_wrapper = torch.Tensor._make_wrapper_subclass
+_CPU = torch.device("cpu")
+
+
+class _Charge(weakref.ref):
+    """A charged storage: when it dies, its bytes go back to its card."""
+
+    __slots__ = ("fleet", "ptr", "index", "rounded")
+
+    def __new__(cls, storage, callback, fleet, ptr, index, rounded):
+        self = super().__new__(cls, storage, callback)
+        self.fleet, self.ptr, self.index, self.rounded = fleet, ptr, index, rounded
+        return self
+
+    def __init__(self, storage, callback, *args) -> None:
+        super().__init__(storage, callback)
+
+
+def _release(charge: _Charge) -> None:
+    if _charged.get(charge.ptr) is charge:
+        del _charged[charge.ptr]
+    charge.fleet.free(charge.index, charge.rounded)
 
 
 def _sync_wrapper_metadata(func, args, kwargs) -> None:
