@@ -17,6 +17,7 @@ from .fixtures import (  # noqa: F401
     llm_tokenizer,
 )
 from .session import SESSION_KEY, LLMLoadSession
+from .virtual import pytest_support as virtual_support
 
 MARKERS = (
     "llm(models=None, device_maps=None, precisions=None): this test's own matrix of models, "
@@ -24,6 +25,7 @@ MARKERS = (
     "requires_gpus(n=1, *, memory=None): skip unless n visible GPUs, each with at least `memory` (e.g. '24 GiB')",
     "requires_bitsandbytes: skip unless bitsandbytes is installed and has a working backend here",
     "max_footprint(limit): fail if the llm_model the test used has a larger get_memory_footprint()",
+    virtual_support.MARKER,
 )
 
 
@@ -63,6 +65,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "baseline (default 0.05 = 5%)", metavar="FRACTION")
     add("--llm-gpus-per-worker", "llm_gpus_per_worker", "under pytest-xdist, give each worker its own K GPUs "
         "(disjoint slices of the visible ones)", metavar="K")
+    add("--llm-virtual-gpus", "llm_virtual_gpus", "run the session on a virtual GPU fleet: CPU-backed cards "
+        "with real values, e.g. 2x24GiB or 24GiB,16GiB@9.0", metavar="SPEC")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -78,8 +82,10 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 
     if not str(value).strip().isdigit() or int(value) < 1:
         raise pytest.UsageError(f"invalid --llm-gpus-per-worker value {value!r}: expected a whole number >= 1")
+    virtual_cards = virtual_support.spec_card_count(
+        early_config.known_args_namespace.llm_virtual_gpus or early_config.getini("llm_virtual_gpus"))
     try:
-        note = assign_worker_gpus(os.environ.get("PYTEST_XDIST_WORKER"), int(value))
+        note = assign_worker_gpus(os.environ.get("PYTEST_XDIST_WORKER"), int(value), virtual_cards=virtual_cards)
     except LLMLoadUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     if note:
@@ -89,6 +95,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 def pytest_configure(config: pytest.Config) -> None:
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
+    virtual_support.start_session_fleet(config)  # first: the session's inventory is the fleet's
+    config.pluginmanager.register(virtual_support.VirtualGpusMarker(), "llmload-virtual-gpus")
     manager = LLMLoadSession.from_config(config)
     config.stash[SESSION_KEY] = manager
     config.pluginmanager.register(manager, "llmload-session")
@@ -100,3 +108,4 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         manager.close()
         config.pluginmanager.unregister(manager)
         del config.stash[SESSION_KEY]
+    virtual_support.stop_session_fleet(config)

@@ -295,6 +295,12 @@ class LLMLoadSession:
     @property
     def inventory(self):
         """This process's GPUs and bitsandbytes backend, probed on first use, once."""
+        from .hardware import virtual_gpus_now
+
+        if virtual_gpus_now() is not None:  # a virtual fleet (maybe one test's): not cached here
+            from .hardware import probe_inventory
+
+            return probe_inventory(bitsandbytes=True)
         if self._inventory is None or self._inventory.bitsandbytes_error == "not probed":
             import dataclasses
 
@@ -309,6 +315,10 @@ class LLMLoadSession:
     @property
     def gpus(self):
         """This process's GPUs only: importing and trying bitsandbytes costs seconds, so only when needed."""
+        from .hardware import probe_inventory, virtual_gpus_now
+
+        if virtual_gpus_now() is not None:
+            return probe_inventory(bitsandbytes=False)  # not cached: a marker's fleet lasts one test
         if self._inventory is None:
             from .hardware import probe_inventory
 
@@ -382,6 +392,8 @@ class LLMLoadSession:
         """CUDA context size for each visible GPU this process has not used yet."""
         if not self.gpus.gpus:
             return {}
+        if self.gpus.source == "virtual":
+            return {g.index: 0 for g in self.gpus.gpus}  # a virtual card has no CUDA context
         from .fit import DEFAULT_CUDA_CONTEXT, measure_cuda_context, used_gpus
 
         if self.options.cuda_context is None:

@@ -1,0 +1,126 @@
+"""The virtual GPU fleet in a pytest run: --llm-virtual-gpus for the session, the virtual_gpus marker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _no_fleet_leaks():
+    yield
+    assert not torch.cuda.is_available(), "a fleet outlived its pytest run"
+
+
+def test_session_fleet_header_inventory_and_requires_gpus(pytester):
+    pytester.makepyfile(
+        """
+        import pytest, torch
+        from pytest_llmload.hardware import probe_inventory
+
+        def test_cuda_is_the_fleet():
+            assert torch.cuda.device_count() == 2
+            assert probe_inventory(bitsandbytes=False).source == "virtual"
+
+        @pytest.mark.requires_gpus(2, memory="64MiB")
+        def test_two_cards():
+            pass
+
+        @pytest.mark.requires_gpus(3)
+        def test_three_cards():
+            pass
+        """
+    )
+    result = pytester.runpytest("--llm-virtual-gpus=2x64MiB", "-rs")
+    result.stdout.fnmatch_lines(["llmload: 2 virtual GPUs (2x64.0 MiB, on the CPU)*", "*needs 3 GPUs; found 2*"])
+    result.assert_outcomes(passed=2, skipped=1)
+
+
+def test_downstream_suite_loads_over_both_cards_and_computes_what_the_cpu_does(pytester):
+    pytester.makepyfile(
+        """
+        import torch
+        import pytest_llmload
+
+        def test_split(llm_model):
+            devices = {str(p.device) for p in llm_model.parameters()}
+            assert {"cuda:0", "cuda:1"} <= devices, devices
+            ids = torch.tensor([[1, 2, 3, 4, 5]])
+            cpu = pytest_llmload.load_model("builtin:tiny-llama", device_map="cpu", precision="fp32")
+            got = llm_model(ids.cuda()).logits.cpu()
+            assert (got - cpu(ids).logits).abs().max().item() == 0.0
+        """
+    )
+    result = pytester.runpytest(
+        "--llm-virtual-gpus=2x64MiB", "--llm-device-map=balanced", "--llm-max-memory=0=400KiB,1=400KiB",
+        "--llm-precision=fp32",
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_cuda_cells_run_and_quantized_gpu_cells_skip_on_the_fleet(pytester):
+    pytester.makepyfile(
+        """
+        def test_cell(llm_model):
+            assert next(llm_model.parameters()).device.type in ("cuda", "cpu")
+        """
+    )
+    result = pytester.runpytest(
+        "--llm-virtual-gpus=2x64MiB", "--llm-device-map=cuda:1", "--llm-precision=fp32", "--llm-precision=int8",
+        "-rs",
+    )
+    result.stdout.fnmatch_lines(["*int8 does not run on virtual GPUs*"])
+    result.assert_outcomes(passed=1, skipped=1)
+
+
+def test_marker_runs_one_test_on_a_fleet(pytester):
+    pytester.makepyfile(
+        """
+        import pytest, torch
+
+        @pytest.fixture
+        def cards():
+            return torch.cuda.device_count()
+
+        @pytest.mark.virtual_gpus("3x64MiB@9.0")
+        def test_on_fleet(cards):
+            assert cards == 3 and torch.cuda.get_device_capability(2) == (9, 0)
+
+        @pytest.mark.virtual_gpus("3x64MiB")
+        @pytest.mark.requires_gpus(3)
+        def test_requirement_met_by_the_fleet():
+            pass
+
+        def test_after():
+            assert not torch.cuda.is_available()
+
+        @pytest.mark.virtual_gpus("lots")
+        def test_bad_spec():
+            pass
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.stdout.fnmatch_lines(["*virtual_gpus marker: invalid card size 'lots' in virtual GPU spec 'lots'*"])
+    result.assert_outcomes(passed=3, errors=1)
+
+
+def test_bad_option_value_is_one_usage_error_line(pytester):
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest("--llm-virtual-gpus=2x24XB")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--llm-virtual-gpus: invalid card size '24XB' in virtual GPU spec '2x24XB'*"])
+
+
+def test_ini_key(pytester):
+    pytester.makeini("[pytest]\nllm_virtual_gpus = 24GiB,16GiB\n")
+    pytester.makepyfile(
+        """
+        import torch
+
+        def test_x():
+            assert [torch.cuda.get_device_properties(i).total_memory for i in range(2)] == [24 * 2**30, 16 * 2**30]
+        """
+    )
+    result = pytester.runpytest()
+    result.stdout.fnmatch_lines(["llmload: 2 virtual GPUs (24.0 GiB,16.0 GiB, on the CPU)*"])
+    result.assert_outcomes(passed=1)
