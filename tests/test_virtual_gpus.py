@@ -4,6 +4,7 @@ real transformers loads split over virtual cards computing exactly what a CPU lo
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import subprocess
 import sys
 import warnings
@@ -418,3 +419,73 @@ def test_loading_pool_threads_load_onto_the_cards(monkeypatch):
         assert _devices(model) == {"cuda:1"}
         assert all(type(p) is VirtualTensor for p in model.parameters())
     assert concurrent.futures.ThreadPoolExecutor.submit is real_submit
+
+
+def test_quantized_loads_onto_virtual_cards_are_one_clear_error():
+    with virtual_gpus("1x64MiB"):
+        with pytest.raises(LLMLoadUsageError, match="int8 does not run on virtual GPUs"):
+            pytest_llmload.load_model("builtin:tiny-llama", precision="int8", device_map={"": "cuda:0"})
+
+
+def test_a_load_past_a_cards_capacity_is_cudas_out_of_memory():
+    with virtual_gpus("2x1MiB"):
+        with pytest.raises(pytest_llmload.ModelLoadError, match="OutOfMemoryError: CUDA out of memory. Tried to allocate"):
+            pytest_llmload.load_model("builtin:tiny-mixtral", device_map={"": "cuda:0"}, precision="fp32")
+        gc.collect()  # the failed load's frames sit in a reference cycle, as they would on CUDA
+        assert torch.cuda.memory_allocated(0) == 0  # what was loaded before the OOM is released
+
+
+def test_checkpoint_tensors_become_card_tensors_without_a_second_copy():
+    import transformers.core_model_loading as loading
+
+    fresh = torch.arange(6.0)
+
+    class CheckpointSlice:  # what transformers 5 materializes: reading it makes a fresh tensor
+        def __getitem__(self, key):
+            return fresh
+
+    given = torch.arange(6.0)  # a tensor the caller still holds (a state_dict) is copied, as CUDA would
+    with virtual_gpus("1x64MiB"):
+        on_card = loading._materialize_copy(CheckpointSlice(), device=torch.device("cuda", 0))
+        assert on_card.device == torch.device("cuda", 0) and on_card.untyped_storage().data_ptr() == fresh.data_ptr()
+        copied = loading._materialize_copy(given, device="cuda:0", dtype=torch.float64)
+        assert copied.dtype == torch.float64 and copied.untyped_storage().data_ptr() != given.data_ptr()
+        copied.add_(1)
+        assert torch.equal(given, torch.arange(6.0))
+
+
+def test_every_way_to_put_a_tensor_on_a_card():
+    base = torch.arange(4.0)
+    with virtual_gpus("2x64MiB"):
+        on1 = base.to("cuda:1")
+        made = {
+            "to(int)": base.to(1),
+            "cuda(1)": base.cuda(1),
+            "device(int)": torch.zeros(2, device=torch.device(1)),
+            "tensor(device=)": torch.tensor([1.0, 2.0], device="cuda:1"),
+            "zeros_like": torch.zeros_like(on1),
+            "ones_like(device=)": torch.ones_like(base, device="cuda:1"),
+            "new_zeros": on1.new_zeros(3),
+            "new_full(device=)": base.new_full((2,), 7.0, device="cuda:1"),
+            "type_as": base.type_as(on1),
+            "arange(device=)": torch.arange(3, device="cuda:1"),
+            "randn(device=)": torch.randn(2, device="cuda:1"),
+            "module.to(1)": torch.nn.Linear(2, 2).to(1).weight,
+        }
+        for how, tensor in made.items():
+            assert type(tensor) is VirtualTensor and tensor.device == torch.device("cuda", 1), how
+        assert torch.zeros_like(on1, device="cpu").device.type == "cpu"
+        assert torch.equal(made["to(int)"].cpu(), base) and torch.equal(made["type_as"].cpu(), base)
+
+
+def test_foreach_ops_keep_each_position_on_its_card():
+    with virtual_gpus("2x64MiB"):
+        params = [torch.ones(2, device="cuda:0"), torch.ones(3, device="cuda:1")]
+        steps = [torch.full((2,), 2.0, device="cuda:0"), torch.full((3,), 3.0, device="cuda:1")]
+        torch._foreach_add_(params, steps)
+        assert [p.device.index for p in params] == [0, 1]
+        assert params[0].cpu().tolist() == [3.0, 3.0] and params[1].cpu().tolist() == [4.0, 4.0, 4.0]
+        summed = torch._foreach_mul(params, 2.0)
+        assert [s.device.index for s in summed] == [0, 1]
+        with pytest.raises(RuntimeError, match="found at least two devices, cuda:0 and cuda:1!"):
+            torch._foreach_add_(params, [torch.ones(2, device="cuda:1"), torch.ones(3, device="cuda:0")])

@@ -124,3 +124,57 @@ def test_ini_key(pytester):
     result = pytester.runpytest()
     result.stdout.fnmatch_lines(["llmload: 2 virtual GPUs (24.0 GiB,16.0 GiB, on the CPU)*"])
     result.assert_outcomes(passed=1)
+
+
+def test_fit_check_skips_a_cell_that_would_not_fit_a_virtual_card_and_runs_one_that_fits(pytester):
+    pytester.makepyfile(
+        """
+        def test_cell(llm_model):
+            assert next(llm_model.parameters()).device.type == "cuda"
+        """
+    )
+    args = ("--llm-model=builtin:tiny-mixtral", "--llm-device-map=cuda:0", "--llm-precision=fp32", "-rs")
+    small = pytester.runpytest("--llm-virtual-gpus=2x1MiB", *args)
+    small.assert_outcomes(skipped=1)
+    small.stdout.fnmatch_lines(["*cuda:0*1.0 MiB*"])
+    big = pytester.runpytest("--llm-virtual-gpus=2x64MiB", *args)
+    big.assert_outcomes(passed=1)
+
+
+def test_require_gpus_counts_virtual_cards(pytester):
+    pytester.makepyfile("def test_x():\n    pass\n")
+    pytester.runpytest("--llm-virtual-gpus=2x64MiB", "--llm-require-gpus=2").assert_outcomes(passed=1)
+    short = pytester.runpytest("--llm-virtual-gpus=2x64MiB", "--llm-require-gpus=3")
+    assert short.ret == pytest.ExitCode.USAGE_ERROR
+    short.stderr.fnmatch_lines(["*needs 3 visible GPUs; found 2*"])
+
+
+def test_llm_memory_reports_per_card_peaks(pytester):
+    pytester.makepyfile(
+        """
+        import torch
+
+        def test_peaks(llm_memory):
+            with llm_memory.track() as usage:
+                x = torch.empty(3 * 2**20, dtype=torch.uint8, device="cuda:1")
+                del x
+            assert usage.gpu_allocated_peak[1] == 3 * 2**20
+            assert usage.gpu_allocated_peak[0] == 0
+        """
+    )
+    pytester.runpytest("--llm-virtual-gpus=2x64MiB").assert_outcomes(passed=1)
+
+
+def test_xdist_workers_get_their_own_virtual_cards(pytester):
+    pytester.makepyfile(
+        """
+        import os, pytest, torch
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_slice(i):
+            assert torch.cuda.device_count() == 1
+            assert os.environ["CUDA_VISIBLE_DEVICES"] in ("0", "1")
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "--llm-virtual-gpus=2x64MiB", "--llm-gpus-per-worker=1")
+    result.assert_outcomes(passed=4)

@@ -9,6 +9,7 @@ restored on exit. torch is imported when a fleet starts, not when this package i
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import sys
 import threading
@@ -57,8 +58,11 @@ class _Runtime:
         if importlib.util.find_spec("transformers") is not None:
             import transformers.core_model_loading  # noqa: F401 - patched below (weight materialization)
             import transformers.modeling_utils  # noqa: F401 - patched below (allocator warmup)
-        from . import cuda, tensor
-        from .mode import VirtualDeviceMode
+        # import_module, not "from . import": after a sys.modules restore (pytester) the package may still
+        # hold an older submodule as an attribute, while the submodules import each other afresh.
+        cuda = importlib.import_module(f"{__name__}.cuda")
+        tensor = importlib.import_module(f"{__name__}.tensor")
+        VirtualDeviceMode = importlib.import_module(f"{__name__}.mode").VirtualDeviceMode
 
         self.fleet = Fleet(cards)
         self.tensor_module = tensor
