@@ -178,3 +178,22 @@ def test_xdist_workers_get_their_own_virtual_cards(pytester):
     )
     result = pytester.runpytest_subprocess("-n", "2", "--llm-virtual-gpus=2x64MiB", "--llm-gpus-per-worker=1")
     result.assert_outcomes(passed=4)
+
+
+def test_strict_mode_fails_a_test_the_fleet_cannot_serve(pytester):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.requires_gpus(2)
+        def test_two():
+            pass
+
+        @pytest.mark.requires_gpus(3)
+        def test_three():
+            pass
+        """
+    )
+    result = pytester.runpytest("--llm-virtual-gpus=2x64MiB", "--llm-require-gpus")
+    result.stdout.fnmatch_lines(["*needs 3 GPUs; found 2*--llm-require-gpus*"])
+    result.assert_outcomes(passed=1, failed=1)
