@@ -138,6 +138,7 @@ def test_tensors_on_virtual_cards_compute_cpu_values():
         assert "device='cuda:0'" in repr(out)
         assert torch.equal(out.cpu(), expected)
         assert out.tolist() == expected.tolist()
+        assert not out.is_pinned()
         with pytest.raises(TypeError, match="can't convert cuda:0 device type tensor to numpy"):
             out.numpy()
         moved = out.to(1)

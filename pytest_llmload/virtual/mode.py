@@ -80,6 +80,8 @@ def _to(fleet, func, args, kwargs):
             return tensor
         if type(device) is int and device == tensor._index:
             return tensor
+        if type(device) is torch.dtype and not kwargs:  # a dtype change stays on the card
+            return func(tensor, device)
     rest = list(args[1:])
     kwargs = dict(kwargs)
     copy = kwargs.pop("copy", False)

@@ -21,8 +21,8 @@ aten = torch.ops.aten
 
 # The fleet that new virtual storages are charged to (set by ``virtual_gpus`` on entry, cleared on exit).
 active_fleet: Fleet | None = None
-# storage data_ptr -> card index, for storages already charged (views share their base's storage).
-_charged: dict[int, int] = {}
+# storage data_ptr -> its charge, for storages already charged (views share their base's storage).
+_charged: dict[int, _Charge] = {}
 
 # CUDA accepts index tensors from another device in indexing ops and any source device in copy_.
 _CPU_OK_POSITIONS = {
@@ -32,7 +32,7 @@ _CPU_OK_POSITIONS = {
     aten._index_put_impl_.default: {1},
     aten.copy_.default: {1},
 }
-_NOT_SIMULATED_OPS = {aten._pin_memory.default: "pin_memory", aten.is_pinned.default: "is_pinned"}
+_NOT_SIMULATED_OPS = {aten._pin_memory.default: "pin_memory"}
 
 
 class NotSimulatedError(RuntimeError):
@@ -43,12 +43,6 @@ class NotSimulatedError(RuntimeError):
             f"{feature} is not simulated on virtual GPUs (pytest-llmload runs them on the CPU); "
             "run this test on a real GPU or without virtual_gpus"
         )
-
-
-def _device_label(t: torch.Tensor) -> str:
-    if type(t) is VirtualTensor:
-        return f"cuda:{t._index}"
-    return str(t.device)
 
 
 def mixed_devices_error(first: str, second: str) -> RuntimeError:
@@ -179,7 +173,7 @@ _OP_KIND: dict = {}
 
 
 def _op_kind(func) -> Any:
-    if func in _NOT_SIMULATED_OPS or func in _CPU_OK_POSITIONS or func is aten.histc.default:
+    if func in _NOT_SIMULATED_OPS or func in _CPU_OK_POSITIONS or func in (aten.histc.default, aten.is_pinned.default):
         return "special"
     if func.name().startswith("aten::_foreach_"):
         return "foreach"
@@ -193,6 +187,8 @@ def _dispatch_special(kind, func, args, kwargs):
         return _dispatch_foreach(func, args, kwargs)
     if func in _NOT_SIMULATED_OPS:
         raise NotSimulatedError(_NOT_SIMULATED_OPS[func])
+    if func is aten.is_pinned.default:
+        return False  # as for any CUDA tensor
     state = _Unwrap(_CPU_OK_POSITIONS.get(func, ()))
     uargs = [state.unwrap(a, pos) for pos, a in enumerate(args)]
     ukwargs = {k: state.unwrap(v, -1) for k, v in kwargs.items()} if kwargs else kwargs
