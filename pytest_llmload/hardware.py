@@ -59,6 +59,8 @@ class Inventory:
     def describe_gpus(self) -> str:
         if not self.gpus:
             return "no GPU"
+        if self.source == "virtual":
+            return _virtual_description(list(self.gpus))
         names: dict[str, int] = {}
         for gpu in self.gpus:
             names[gpu.name] = names.get(gpu.name, 0) + 1

@@ -197,3 +197,10 @@ def test_strict_mode_fails_a_test_the_fleet_cannot_serve(pytester):
     result = pytester.runpytest("--llm-virtual-gpus=2x64MiB", "--llm-require-gpus")
     result.stdout.fnmatch_lines(["*needs 3 GPUs; found 2*--llm-require-gpus*"])
     result.assert_outcomes(passed=1, errors=1)  # failed in setup, where the requirement is checked
+
+
+def test_strict_mode_header_names_the_virtual_fleet(pytester):
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest("--llm-virtual-gpus=2x64MiB", "--llm-require-gpus")
+    result.stdout.fnmatch_lines(["llmload: 2 virtual GPUs (2x64.0 MiB, on the CPU); bitsandbytes * (cpu)"])
+    result.assert_outcomes(passed=1)
