@@ -455,6 +455,7 @@ def test_checkpoint_tensors_become_card_tensors_without_a_second_copy():
         assert torch.equal(given, torch.arange(6.0))
 
 
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # torch's own advice about new_tensor
 def test_every_way_to_put_a_tensor_on_a_card():
     base = torch.arange(4.0)
     with virtual_gpus("2x64MiB"):
@@ -467,6 +468,9 @@ def test_every_way_to_put_a_tensor_on_a_card():
             "zeros_like": torch.zeros_like(on1),
             "ones_like(device=)": torch.ones_like(base, device="cuda:1"),
             "new_zeros": on1.new_zeros(3),
+            "new_tensor": on1.new_tensor([1.0, 2.0]),
+            "new_tensor(cpu data)": on1.new_tensor(base),
+            "new": on1.new(2),
             "new_full(device=)": base.new_full((2,), 7.0, device="cuda:1"),
             "type_as": base.type_as(on1),
             "arange(device=)": torch.arange(3, device="cuda:1"),

@@ -189,7 +189,27 @@ def _factory(fleet, func, args, kwargs):
     return adopt(out, target.index, requires_grad=requires_grad)
 
 
+def _new_on_card(fleet, func, args, kwargs):
+    """``t.new_tensor(data)`` / ``t.new(...)``: C++ builds these from the internal (cpu) options, so put the
+    result on ``t``'s card here. The data may come from any device, as on CUDA."""
+    if "device" in kwargs:
+        return _factory(fleet, func, args, kwargs)
+    tensor = args[0]
+    if type(tensor) is not VirtualTensor:
+        return func(*args, **kwargs)
+    kwargs = dict(kwargs)
+    requires_grad = kwargs.pop("requires_grad", False)
+    data = [_unwrap(a) for a in args[1:]]
+    out = func(tensor._elem, *data, **kwargs)
+    sources = {a.untyped_storage().data_ptr() for a in data if isinstance(a, torch.Tensor)}
+    if out.untyped_storage().data_ptr() in sources:
+        out = out.clone()
+    return adopt(out, tensor._index, requires_grad=requires_grad)
+
+
 _HANDLERS = {
+    _Tensor.new_tensor: _new_on_card,
+    _Tensor.new: _new_on_card,
     _Tensor.to: _to,
     _Tensor.cuda: _cuda,
     _Tensor.cpu: _cpu,
