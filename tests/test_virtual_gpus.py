@@ -480,6 +480,10 @@ def test_every_way_to_put_a_tensor_on_a_card():
         for how, tensor in made.items():
             assert type(tensor) is VirtualTensor and tensor.device == torch.device("cuda", 1), how
         assert torch.zeros_like(on1, device="cpu").device.type == "cpu"
+        as_double = base.type("torch.cuda.DoubleTensor")  # the current card, like .cuda()
+        assert as_double.device == torch.device("cuda", 0) and as_double.dtype == torch.float64
+        assert on1.type() == "torch.cuda.FloatTensor"
+        assert on1.type("torch.HalfTensor").device.type == "cpu"
         assert torch.equal(made["to(int)"].cpu(), base) and torch.equal(made["type_as"].cpu(), base)
 
 

@@ -207,7 +207,24 @@ def _new_on_card(fleet, func, args, kwargs):
     return adopt(out, tensor._index, requires_grad=requires_grad)
 
 
+def _type(fleet, func, args, kwargs):
+    """``t.type()`` says ``torch.cuda.FloatTensor`` on a card; ``t.type("torch.cuda.HalfTensor")`` moves there."""
+    tensor = args[0]
+    target = args[1] if len(args) > 1 else kwargs.get("dtype")
+    virtual = type(tensor) is VirtualTensor
+    if target is None:
+        name = func(tensor._elem if virtual else tensor)
+        return name.replace("torch.", "torch.cuda.", 1) if virtual else name
+    if isinstance(target, str) and target.startswith("torch.cuda."):
+        dtype = torch.empty(0).type("torch." + target[len("torch.cuda."):]).dtype
+        return move(fleet, tensor, "cuda", dtype)
+    if virtual and isinstance(target, str):
+        return move(fleet, tensor, "cpu", torch.empty(0).type(target).dtype)
+    return func(*args, **kwargs)
+
+
 _HANDLERS = {
+    _Tensor.type: _type,
     _Tensor.new_tensor: _new_on_card,
     _Tensor.new: _new_on_card,
     _Tensor.to: _to,
