@@ -204,3 +204,25 @@ def test_strict_mode_header_names_the_virtual_fleet(pytester):
     result = pytester.runpytest("--llm-virtual-gpus=2x64MiB", "--llm-require-gpus")
     result.stdout.fnmatch_lines(["llmload: 2 virtual GPUs (2x64.0 MiB, on the CPU); bitsandbytes * (cpu)"])
     result.assert_outcomes(passed=1)
+
+
+def test_marker_under_a_session_fleet_runs_on_it_when_the_same_and_skips_otherwise(pytester):
+    pytester.makepyfile(
+        """
+        import pytest, torch
+
+        @pytest.mark.virtual_gpus("2x64MiB")
+        def test_same():
+            assert torch.cuda.device_count() == 2
+
+        @pytest.mark.virtual_gpus("4x64MiB")
+        def test_other():
+            pass
+
+        def test_session_fleet_still_there():
+            assert torch.cuda.device_count() == 2
+        """
+    )
+    result = pytester.runpytest("--llm-virtual-gpus=2x64MiB", "-rs", "-p", "no:randomly")
+    result.stdout.fnmatch_lines(["*needs virtual GPUs 4x64.0 MiB; this session runs on virtual GPUs 2x64.0 MiB*"])
+    result.assert_outcomes(passed=2, skipped=1)

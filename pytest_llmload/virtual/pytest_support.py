@@ -62,14 +62,20 @@ class VirtualGpusMarker:
     def pytest_runtest_setup(self, item: pytest.Item):
         mark = item.get_closest_marker("virtual_gpus")
         if mark is not None:
-            from . import virtual_gpus
+            from . import active_fleet, describe_fleet, virtual_gpus
 
             try:
                 fleet = virtual_gpus(*mark.args, **mark.kwargs)
-                fleet.__enter__()
             except (LLMLoadUsageError, TypeError) as exc:
                 raise pytest.fail.Exception(f"virtual_gpus marker: {exc}", pytrace=False) from None
-            item.stash[_TEST_FLEET] = fleet
+            running = active_fleet()
+            if running is None:
+                fleet.__enter__()
+                item.stash[_TEST_FLEET] = fleet
+            elif running.specs != fleet.cards:  # fleets do not nest; the session's one serves if it is the same
+                raise pytest.skip.Exception(
+                    f"needs virtual GPUs {describe_fleet(fleet.cards)}; this session runs on virtual GPUs "
+                    f"{describe_fleet(running.specs)} (fleets do not nest)", _use_item_location=True)
         return (yield)
 
     @pytest.hookimpl(wrapper=True)
