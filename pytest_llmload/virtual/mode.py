@@ -285,12 +285,15 @@ class VirtualDeviceMode(TorchFunctionMode):
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
         if handler is not None:
-            return handler(self.fleet, func, args, kwargs)
-        if "device" in kwargs:
-            return _factory(self.fleet, func, args, kwargs)
+            return handler(self.fleet, func, args, kwargs or {})
+        if kwargs:
+            if "device" in kwargs:
+                return _factory(self.fleet, func, args, kwargs)
+            if func not in _MIXED_OK:
+                check_same_device(args, kwargs)
+            return func(*args, **kwargs)
         if func not in _MIXED_OK:
-            check_same_device(args, kwargs)
-        return func(*args, **kwargs)
+            check_same_device(args, None)
+        return func(*args)

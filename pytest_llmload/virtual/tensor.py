@@ -293,15 +293,18 @@ def adopt(elem: torch.Tensor, index: int, requires_grad: bool = False) -> Virtua
         ptr = storage.data_ptr()
         if ptr and ptr not in _charged:
             _charged[ptr] = _Charge(storage, _release, fleet, ptr, index, fleet.allocate(index, storage.nbytes()))
-    out = _make_wrapper(
-        VirtualTensor,
-        elem.size(),
-        strides=elem.stride(),
-        storage_offset=elem.storage_offset(),
-        dtype=elem.dtype,
-        device=_CPU,
-        requires_grad=requires_grad,
-    )
+    if elem.is_contiguous() and not elem.storage_offset():
+        out = _make_wrapper(VirtualTensor, elem.size(), dtype=elem.dtype, device=_CPU, requires_grad=requires_grad)
+    else:
+        out = _make_wrapper(
+            VirtualTensor,
+            elem.size(),
+            strides=elem.stride(),
+            storage_offset=elem.storage_offset(),
+            dtype=elem.dtype,
+            device=_CPU,
+            requires_grad=requires_grad,
+        )
     out._elem = elem
     out._index = index
     return out
