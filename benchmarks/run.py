@@ -345,12 +345,23 @@ hooked = pytest_llmload.load_model(source, precision="fp32")  # the CPU model wi
 dispatch_model(hooked, {module: "cpu" for module in two_card_map()}, force_hooks=True)
 out = {"cpu_forward": [], "hooked_forward": [], "virtual_forward": [], "cpu_load": [], "virtual_load": [],
        "max_diff": 0.0}
+per_sample = int(sys.argv[6])  # forwards per timed sample: a tiny model's forward is too short to time alone
 for _ in range(rounds):
     with torch.no_grad():
-        t = time.perf_counter(); ref = cpu(ids).logits; out["cpu_forward"].append(time.perf_counter() - t)
-        t = time.perf_counter(); hooked(ids); out["hooked_forward"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(per_sample):
+            ref = cpu(ids).logits
+        out["cpu_forward"].append((time.perf_counter() - t) / per_sample)
+        t = time.perf_counter()
+        for _ in range(per_sample):
+            hooked(ids)
+        out["hooked_forward"].append((time.perf_counter() - t) / per_sample)
         with virtual_gpus(fleet_spec):
-            t = time.perf_counter(); got = virtual(ids.cuda()).logits; out["virtual_forward"].append(time.perf_counter() - t)
+            x = ids.cuda()
+            t = time.perf_counter()
+            for _ in range(per_sample):
+                got = virtual(x).logits
+            out["virtual_forward"].append((time.perf_counter() - t) / per_sample)
             out["max_diff"] = max(out["max_diff"], (got.cpu() - ref).abs().max().item())
 if sys.argv[5] == "load":
     for _ in range(rounds):
@@ -382,15 +393,15 @@ def bench_virtual(bench, checkpoint):
     """The virtual GPU fleet against the same work on the CPU: forward on a 2-card split, loads, peak RSS."""
     fleet = "2x64MiB" if bench.args.quick else "2x1GiB"
     rounds = 3 * bench.args.repeat + 1
-    for label, source, tokens, load, target in (
-        (f"{bench.parameters / 1e6:.0f}M", str(checkpoint), 64, "load", 1.5),
-        ("tiny-llama", "builtin:tiny-llama", 16, "no-load", 3.0),
+    for label, source, tokens, load, target, per_sample in (
+        (f"{bench.parameters / 1e6:.0f}M", str(checkpoint), 64, "load", 1.5, 1),
+        ("tiny-llama", "builtin:tiny-llama", 16, "no-load", 3.0, 20),
     ):
-        out = subprocess.run([PY, "-c", VIRTUAL_SCRIPT, source, fleet, str(rounds), str(tokens), load],
+        out = subprocess.run([PY, "-c", VIRTUAL_SCRIPT, source, fleet, str(rounds), str(tokens), load, str(per_sample)],
                              capture_output=True, text=True, check=True).stdout
         data = {k: v[1:] if isinstance(v, list) else v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
         bench.add(f"virtual: {label} forward, 2-card split vs CPU", "s", data["virtual_forward"], data["cpu_forward"],
-                  lambda r, t=target: r <= t, f"<= {target}", note=f"{tokens} tokens, max logit diff {data['max_diff']}")
+                  lambda r, t=target: r <= t, f"<= {target}", note=f"{tokens} tokens, {per_sample} forward(s) a sample, max logit diff {data['max_diff']}")
         bench.add(f"virtual: {label} forward, 2-card split vs CPU + same hooks", "s", data["virtual_forward"],
                   data["hooked_forward"], note="baseline: the CPU model with the split's accelerate hooks")
         if load == "load":
