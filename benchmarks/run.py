@@ -317,20 +317,118 @@ def bench_strategies(bench):
               target_text=">= 200/s", note=f"{examples} examples per run, through @given")
 
 
+# -- 7. virtual GPUs -----------------------------------------------------------------------------------
+
+VIRTUAL_SCRIPT = """
+import sys, time, json, torch
+import pytest_llmload
+from pytest_llmload import virtual_gpus
+
+source, fleet_spec, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(1)  # both sides on one thread: on a shared machine idle intra-op threads spin and blur ratios
+config = pytest_llmload.load_config(source)
+def two_card_map():
+    if config.model_type == "gpt2":
+        n = config.n_layer
+        return {"transformer.wte": 0, "transformer.wpe": 0, "transformer.drop": 0,
+                **{f"transformer.h.{i}": int(i >= n // 2) for i in range(n)}, "transformer.ln_f": 1, "lm_head": 0}
+    n = config.num_hidden_layers
+    return {"model.embed_tokens": 0, **{f"model.layers.{i}": int(i >= n // 2) for i in range(n)},
+            "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}
+ids = torch.randint(0, min(config.vocab_size, 300), (1, int(sys.argv[4])))
+cpu = pytest_llmload.load_model(source, precision="fp32")
+with virtual_gpus(fleet_spec):
+    virtual = pytest_llmload.load_model(source, device_map=two_card_map(), precision="fp32")
+    assert {p.device.index for p in virtual.parameters()} == {0, 1}
+from accelerate import dispatch_model
+hooked = pytest_llmload.load_model(source, precision="fp32")  # the CPU model with the split's accelerate hooks
+dispatch_model(hooked, {module: "cpu" for module in two_card_map()}, force_hooks=True)
+out = {"cpu_forward": [], "hooked_forward": [], "virtual_forward": [], "cpu_load": [], "virtual_load": [],
+       "max_diff": 0.0}
+per_sample = int(sys.argv[6])  # forwards per timed sample: a tiny model's forward is too short to time alone
+for _ in range(rounds):
+    with torch.no_grad():
+        t = time.perf_counter()
+        for _ in range(per_sample):
+            ref = cpu(ids).logits
+        out["cpu_forward"].append((time.perf_counter() - t) / per_sample)
+        t = time.perf_counter()
+        for _ in range(per_sample):
+            hooked(ids)
+        out["hooked_forward"].append((time.perf_counter() - t) / per_sample)
+        with virtual_gpus(fleet_spec):
+            x = ids.cuda()
+            t = time.perf_counter()
+            for _ in range(per_sample):
+                got = virtual(x).logits
+            out["virtual_forward"].append((time.perf_counter() - t) / per_sample)
+            out["max_diff"] = max(out["max_diff"], (got.cpu() - ref).abs().max().item())
+if sys.argv[5] == "load":
+    for _ in range(rounds):
+        t = time.perf_counter(); pytest_llmload.load_model(source, precision="fp32"); out["cpu_load"].append(time.perf_counter() - t)
+        with virtual_gpus(fleet_spec):
+            t = time.perf_counter(); pytest_llmload.load_model(source, device_map=two_card_map(), precision="fp32")
+            out["virtual_load"].append(time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+VIRTUAL_RSS_SCRIPT = """
+import sys, torch, pytest_llmload
+from pytest_llmload import virtual_gpus
+source, fleet_spec = sys.argv[1], sys.argv[2]
+ids = torch.randint(0, 300, (1, 32))
+if fleet_spec == "cpu":
+    model = pytest_llmload.load_model(source, precision="fp32")
+    with torch.no_grad():
+        model(ids)
+else:
+    with virtual_gpus(fleet_spec), torch.no_grad():
+        model = pytest_llmload.load_model(source, device_map="balanced", precision="fp32")
+        assert len({p.device.index for p in model.parameters()}) == 2
+        model(ids.cuda())
+"""
+
+
+def bench_virtual(bench, checkpoint):
+    """The virtual GPU fleet against the same work on the CPU: forward on a 2-card split, loads, peak RSS."""
+    fleet = "2x64MiB" if bench.args.quick else "2x1GiB"
+    rounds = 3 * bench.args.repeat + 1
+    for label, source, tokens, load, target, per_sample in (
+        (f"{bench.parameters / 1e6:.0f}M", str(checkpoint), 64, "load", 1.5, 1),
+        ("tiny-llama", "builtin:tiny-llama", 16, "no-load", 3.0, 20),
+    ):
+        out = subprocess.run([PY, "-c", VIRTUAL_SCRIPT, source, fleet, str(rounds), str(tokens), load, str(per_sample)],
+                             capture_output=True, text=True, check=True).stdout
+        data = {k: v[1:] if isinstance(v, list) else v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+        bench.add(f"virtual: {label} forward, 2-card split vs CPU", "s", data["virtual_forward"], data["cpu_forward"],
+                  lambda r, t=target: r <= t, f"<= {target}", note=f"{tokens} tokens, {per_sample} forward(s) a sample, max logit diff {data['max_diff']}")
+        bench.add(f"virtual: {label} forward, 2-card split vs CPU + same hooks", "s", data["virtual_forward"],
+                  data["hooked_forward"], note="baseline: the CPU model with the split's accelerate hooks")
+        if load == "load":
+            bench.add(f"virtual: {label} load on 2 cards vs CPU load", "s", data["virtual_load"], data["cpu_load"],
+                      lambda r: r <= 2.0, "<= 2")
+    cpu_rss, virtual_rss = [], []
+    for _ in range(max(bench.args.repeat // 2, 1)):
+        cpu_rss.append(child_peak_rss([PY, "-c", VIRTUAL_RSS_SCRIPT, str(checkpoint), "cpu"])[0] / 2**20)
+        virtual_rss.append(child_peak_rss([PY, "-c", VIRTUAL_RSS_SCRIPT, str(checkpoint), fleet])[0] / 2**20)
+    bench.add(f"virtual: peak RSS, {bench.parameters / 1e6:.0f}M load+forward on 2 cards vs CPU", "MiB",
+              virtual_rss, cpu_rss, lambda r: r <= 1.1, "<= 1.1", note="a virtual card holds no second copy")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, fewer runs (a smoke test)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--repeat", type=int, help="runs per figure (default 5; 2 with --quick)")
-    parser.add_argument("--only", help="comma-separated: startup,load,reuse,release,planner,strategies")
+    parser.add_argument("--only", help="comma-separated: startup,load,reuse,release,planner,strategies,virtual")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (2 if args.quick else 5)
     bench = Bench(args)
-    wanted = set((args.only or "startup,load,reuse,release,planner,strategies").split(","))
+    wanted = set((args.only or "startup,load,reuse,release,planner,strategies,virtual").split(","))
     if not args.json:
         print(f"{'figure':<46} {'min':>9} {'median':>9} {'max':>9} unit", flush=True)
-    checkpoint = write_checkpoint(bench) if wanted & {"load", "reuse", "release"} else None
+    checkpoint = write_checkpoint(bench) if wanted & {"load", "reuse", "release", "virtual"} else None
     if "startup" in wanted:
         bench_startup(bench)
     if "load" in wanted:
@@ -343,6 +441,8 @@ def main(argv=None) -> int:
         bench_planner(bench)
     if "strategies" in wanted:
         bench_strategies(bench)
+    if "virtual" in wanted:
+        bench_virtual(bench, checkpoint)
     import shutil
 
     shutil.rmtree(bench.work, ignore_errors=True)

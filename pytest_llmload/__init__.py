@@ -58,6 +58,7 @@ _EXPORTS = {
     "LLMLoadError": "errors",
     "LLMLoadUsageError": "errors",
     "ModelLoadError": "errors",
+    "virtual_gpus": "virtual",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -199,6 +199,8 @@ class FitChecker:
         """CUDA context size for each visible GPU this process has not used yet."""
         if not inventory.gpus:
             return {}
+        if inventory.source == "virtual":
+            return {g.index: 0 for g in inventory.gpus}  # a virtual card has no CUDA context
         if self.cuda_context is None:
             try:
                 self.cuda_context = measure_cuda_context(0)

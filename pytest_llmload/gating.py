@@ -31,6 +31,10 @@ class Gate:
     @property
     def inventory(self):
         """This process's GPUs and the bitsandbytes backend (tried on first use, once)."""
+        from .hardware import probe_inventory, virtual_gpus_now
+
+        if virtual_gpus_now() is not None:  # a virtual fleet (maybe one test's): not cached here
+            return probe_inventory(bitsandbytes=True)
         if not self._bitsandbytes_probed:
             import dataclasses
 
@@ -46,9 +50,11 @@ class Gate:
     @property
     def gpus(self):
         """This process's GPUs only: importing and trying bitsandbytes costs seconds, so only when needed."""
-        if self._inventory is None:
-            from .hardware import probe_inventory
+        from .hardware import probe_inventory, virtual_gpus_now
 
+        if virtual_gpus_now() is not None:
+            return probe_inventory(bitsandbytes=False)  # not cached: a marker's fleet lasts one test
+        if self._inventory is None:
             self._inventory = probe_inventory(bitsandbytes=False)
         return self._inventory
 

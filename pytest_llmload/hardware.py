@@ -59,6 +59,8 @@ class Inventory:
     def describe_gpus(self) -> str:
         if not self.gpus:
             return "no GPU"
+        if self.source == "virtual":
+            return _virtual_description(list(self.gpus))
         names: dict[str, int] = {}
         for gpu in self.gpus:
             names[gpu.name] = names.get(gpu.name, 0) + 1
@@ -210,8 +212,23 @@ def _probe_nvidia_smi() -> list[GPU] | None:
     return gpus
 
 
+def virtual_gpus_now() -> list[GPU] | None:
+    """The cards of the virtual GPU fleet running now (they replace the machine's), or None."""
+    import sys
+
+    module = sys.modules.get("pytest_llmload.virtual")
+    fleet = module.active_fleet() if module is not None else None
+    if fleet is None:
+        return None
+    return [GPU(i, c.spec.name, c.total_memory, c.total_memory - c.reserved, c.spec.capability)
+            for i, c in enumerate(fleet.cards)]
+
+
 def visible_gpu_count() -> int:
     """How many GPUs this process sees, without creating a CUDA context where NVML or nvidia-smi can tell."""
+    virtual = virtual_gpus_now()
+    if virtual is not None:
+        return len(virtual)
     gpus = _probe_nvml()
     if gpus is None:
         gpus = _probe_nvidia_smi()
@@ -233,7 +250,8 @@ def header_line() -> str:
 
     bitsandbytes is only named here; its backend is tried when a test first needs it.
     """
-    gpus = _probe_nvml()
+    virtual = virtual_gpus_now()
+    gpus = virtual if virtual is not None else _probe_nvml()
     if gpus is None:
         gpus = _probe_nvidia_smi()
     try:
@@ -242,16 +260,33 @@ def header_line() -> str:
         bnb = "bitsandbytes not installed"
     if gpus is None:
         return f"llmload: GPUs unknown until first use (no NVML); {bnb}"
+    if virtual is not None:
+        return f"llmload: {_virtual_description(virtual)}; {bnb}"
     return f"llmload: {Inventory(tuple(gpus)).describe_gpus()}; {bnb}"
 
 
+def _virtual_description(gpus: list[GPU]) -> str:
+    sizes = [format_size(g.total_memory) for g in gpus]
+    shape = f"{len(sizes)}x{sizes[0]}" if len(set(sizes)) == 1 else ",".join(sizes)
+    return f"{len(gpus)} virtual GPU{'s' if len(gpus) != 1 else ''} ({shape}, on the CPU)"
+
+
+_virtual_bitsandbytes: list[tuple] = []
+
+
 def probe_inventory(*, bitsandbytes: bool = True) -> Inventory:
-    """Probe this process's GPUs (NVML first, then torch) and, if asked, bitsandbytes."""
-    gpus = _probe_nvml()
-    source = "nvml"
+    """Probe this process's GPUs (a running virtual fleet, else NVML, then torch) and, if asked, bitsandbytes."""
+    gpus, source = virtual_gpus_now(), "virtual"
+    if gpus is None:
+        gpus, source = _probe_nvml(), "nvml"
     if gpus is None:
         gpus, source = _probe_torch(), "torch"
-    if bitsandbytes:
+    if bitsandbytes and source == "virtual":
+        # A virtual card is CPU memory: bitsandbytes runs through its CPU backend, with cpu maps (once per process)
+        if not _virtual_bitsandbytes:
+            _virtual_bitsandbytes.append(probe_bitsandbytes("cpu"))
+        version, backend, error = _virtual_bitsandbytes[0]
+    elif bitsandbytes:
         version, backend, error = probe_bitsandbytes("cuda:0" if gpus else "cpu")
     else:
         version, backend, error = None, None, None  # not tried: the Gate tries it when a cell needs it
@@ -367,8 +402,10 @@ def outer_visible_gpus() -> list[str]:
     return [str(i) for i in range(count)]
 
 
-def assign_worker_gpus(worker_id: str | None, per_worker: int) -> str | None:
-    """Set ``CUDA_VISIBLE_DEVICES`` of this xdist worker to its own slice; return a note for skip reasons."""
+def assign_worker_gpus(worker_id: str | None, per_worker: int, *, virtual_cards: int | None = None) -> str | None:
+    """Set ``CUDA_VISIBLE_DEVICES`` of this xdist worker to its own slice; return a note for skip reasons.
+
+    ``virtual_cards``: the session runs on a virtual fleet of that many cards (they are what is sliced)."""
     index = worker_index(worker_id)
     if index is None:
         return None
@@ -380,7 +417,10 @@ def assign_worker_gpus(worker_id: str | None, per_worker: int) -> str | None:
             "--llm-gpus-per-worker: CUDA was initialised in this worker before the plugin could assign its GPUs "
             "(something in conftest.py touched a GPU at import time)"
         )
-    visible = outer_visible_gpus()
+    if virtual_cards is not None:
+        visible = visible_device_ids() or [str(i) for i in range(virtual_cards)]
+    else:
+        visible = outer_visible_gpus()
     mine = worker_gpus(index, per_worker, visible)
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
     return (f"--llm-gpus-per-worker={per_worker} gives worker {worker_id} "

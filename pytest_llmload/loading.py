@@ -210,7 +210,23 @@ def quantized_map_problem(precision: str, device_map: Any) -> str | None:
             "(bitsandbytes' llm_int8_enable_fp32_cpu_offload), so nothing would be quantized; "
             "use device_map 'cpu' for quantized loads without a GPU"
         )
+    if precision in QUANTIZED_PRECISIONS and _on_virtual_gpus(device_map, devices):
+        return (
+            f"{precision} does not run on virtual GPUs (bitsandbytes' parameter classes cannot hold a virtual "
+            "card's tensor); use device_map 'cpu' for bitsandbytes' CPU backend, or a real GPU"
+        )
     return None
+
+
+def _on_virtual_gpus(device_map: Any, devices: set) -> bool:
+    """Would this map put modules on the cards of a running virtual GPU fleet?"""
+    from .hardware import virtual_gpus_now
+
+    if not virtual_gpus_now():
+        return False
+    if isinstance(device_map, dict):
+        return bool(devices - _ACCELERATOR_FREE)
+    return device_map not in _ACCELERATOR_FREE
 
 
 def prepare_load(

@@ -66,11 +66,21 @@ def _size(value: Any, parse_size: Callable[[Any], int]) -> int:
         raise LLMLoadUsageError(f"invalid size {value!r}: expected a size such as '2 GiB'") from None
 
 
+def virtual_gpus(spec: Any, *, name: Any = None) -> Any:
+    """run this test on a virtual GPU fleet (e.g. '2x24GiB', '24GiB,16GiB@9.0'): CPU-backed cards with real values"""
+    from .virtual.fleet import parse_virtual_spec
+
+    if name is not None and not isinstance(name, str):
+        raise LLMLoadUsageError(f"name={name!r}: expected a card name (a string)")
+    return parse_virtual_spec(spec, name)
+
+
 MARKERS: dict[str, Callable[..., Any]] = {
     "llm": llm,
     "requires_gpus": requires_gpus,
     "requires_bitsandbytes": requires_bitsandbytes,
     "max_footprint": max_footprint,
+    "virtual_gpus": virtual_gpus,
 }
 
 

@@ -65,6 +65,8 @@ OPTIONS: list[tuple[str, str, str, dict, str, Any]] = [
      "baseline (default 0.05, i.e. 5 percent)", dict(metavar="FRACTION"), "string", None),
     ("--llm-gpus-per-worker", "llm_gpus_per_worker", "under pytest-xdist, give each worker its own K GPUs "
      "(disjoint slices of the visible ones)", dict(metavar="K"), "string", None),
+    ("--llm-virtual-gpus", "llm_virtual_gpus", "run the session on a virtual GPU fleet: CPU-backed cards "
+     "with real values, e.g. 2x24GiB or 24GiB,16GiB@9.0", dict(metavar="SPEC"), "string", None),
 ]
 
 

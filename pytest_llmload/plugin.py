@@ -36,10 +36,13 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     from .errors import LLMLoadUsageError
     from .hardware import assign_worker_gpus
     from .specs import parse_count
+    from .virtual.pytest_support import spec_card_count
 
+    virtual_cards = spec_card_count(
+        early_config.known_args_namespace.llm_virtual_gpus or early_config.getini("llm_virtual_gpus"))
     try:
         per_worker = parse_count(value, "--llm-gpus-per-worker", minimum=1)
-        note = assign_worker_gpus(os.environ.get("PYTEST_XDIST_WORKER"), per_worker)
+        note = assign_worker_gpus(os.environ.get("PYTEST_XDIST_WORKER"), per_worker, virtual_cards=virtual_cards)
     except LLMLoadUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     if note:
@@ -49,8 +52,12 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 def pytest_configure(config: pytest.Config) -> None:
     from .marks import help_lines
 
+    from .virtual import pytest_support as virtual_support
+
     for line in help_lines():
         config.addinivalue_line("markers", line)
+    virtual_support.start_session_fleet(config)  # first: the session's inventory is the fleet's
+    config.pluginmanager.register(virtual_support.VirtualGpusMarker(), "llmload-virtual-gpus")
     manager = LLMLoadSession.from_config(config)
     config.stash[SESSION_KEY] = manager
     for name, plugin in manager.plugins.items():
@@ -64,3 +71,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         for plugin in manager.plugins.values():
             config.pluginmanager.unregister(plugin)
         del config.stash[SESSION_KEY]
+    from .virtual import pytest_support as virtual_support
+
+    virtual_support.stop_session_fleet(config)

@@ -1,0 +1,304 @@
+"""``torch.cuda.*`` (and ``torch.accelerator.*``) answered by the fleet, patched in on entry and restored on exit."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .fleet import Fleet
+from .tensor import NotSimulatedError, VirtualTensor
+
+
+@dataclass(frozen=True)
+class VirtualDeviceProperties:
+    """What ``torch.cuda.get_device_properties`` returns for a virtual card."""
+
+    name: str
+    total_memory: int
+    major: int
+    minor: int
+    multi_processor_count: int = 1
+    is_integrated: bool = False
+    uuid: str = ""
+
+    def __repr__(self) -> str:
+        return (
+            f"_CudaDeviceProperties(name='{self.name}', major={self.major}, minor={self.minor}, "
+            f"total_memory={self.total_memory // 2**20}MB, multi_processor_count={self.multi_processor_count})"
+        )
+
+
+def card_index(fleet: Fleet, device: Any = None, optional: bool = True) -> int:
+    """CUDA's reading of a ``device`` argument: None -> current, int, 'cuda:1', torch.device."""
+    if device is None:
+        return fleet.current_device()
+    if isinstance(device, str):
+        device = torch.device(device)
+    if isinstance(device, torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"Expected a cuda device, but got: {device}")
+        return fleet.current_device() if device.index is None else fleet.check_index(device.index)
+    return fleet.check_index(int(device))
+
+
+def _not_simulated_class(feature: str) -> type:
+    def __new__(cls, *args, **kwargs):
+        raise NotSimulatedError(feature)
+
+    return type(feature.replace(".", "_"), (), {"__new__": __new__})
+
+
+def _not_simulated_function(feature: str) -> Callable[..., Any]:
+    def raise_not_simulated(*args, **kwargs):
+        raise NotSimulatedError(feature)
+
+    return raise_not_simulated
+
+
+class DefaultStream:
+    """The default stream of a virtual card: every op is synchronous, so it is always idle and never
+    capturing. Other streams (and anything else a stream does) are not simulated."""
+
+    def __init__(self, index: int) -> None:
+        self.device_index = index
+        self.device = torch.device("cuda", index)
+
+    def is_capturing(self) -> bool:
+        return False
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        raise NotSimulatedError(f"Stream.{name}")
+
+
+def cuda_replacements(fleet: Fleet) -> dict[str, Any]:
+    """The ``torch.cuda`` attributes the fleet answers, by name."""
+
+    def props(device=None) -> VirtualDeviceProperties:
+        card = fleet.cards[card_index(fleet, device)]
+        return VirtualDeviceProperties(
+            card.spec.name, card.total_memory, card.spec.capability[0], card.spec.capability[1]
+        )
+
+    class device:
+        """``with torch.cuda.device(i):`` on the fleet."""
+
+        def __init__(self, device: Any) -> None:
+            self.idx = -1 if device is None or device == -1 else card_index(fleet, device)
+            self.prev_idx = -1
+
+        def __enter__(self):
+            self.prev_idx = fleet.current_device()
+            if self.idx >= 0:
+                fleet.set_device(self.idx)
+
+        def __exit__(self, *exc):
+            fleet.set_device(self.prev_idx)
+            return False
+
+    def memory_stats(device=None) -> dict[str, int]:
+        card = fleet.cards[card_index(fleet, device)]
+        return {
+            "allocated_bytes.all.current": card.allocated,
+            "allocated_bytes.all.peak": card.peak_allocated,
+            "reserved_bytes.all.current": card.reserved,
+            "reserved_bytes.all.peak": card.peak_reserved,
+            "active_bytes.all.current": card.allocated,
+            "active_bytes.all.peak": card.peak_allocated,
+        }
+
+    def card(device=None):
+        return fleet.cards[card_index(fleet, device)]
+
+    def noop(*args, **kwargs) -> None:
+        return None
+
+    replacements: dict[str, Any] = {
+        "is_available": lambda: bool(fleet.cards),
+        "device_count": lambda: len(fleet.cards),
+        "is_initialized": lambda: True,
+        "init": noop,
+        "_lazy_init": noop,
+        "current_device": fleet.current_device,
+        "set_device": lambda device: fleet.set_device(card_index(fleet, device)),
+        "device": device,
+        "synchronize": lambda device=None: (card_index(fleet, device), None)[1],
+        "empty_cache": fleet.empty_cache,
+        "mem_get_info": lambda device=None: fleet.mem_get_info(card_index(fleet, device)),
+        "get_device_properties": props,
+        "get_device_name": lambda device=None: props(device).name,
+        "get_device_capability": lambda device=None: (props(device).major, props(device).minor),
+        "memory_allocated": lambda device=None: card(device).allocated,
+        "max_memory_allocated": lambda device=None: card(device).peak_allocated,
+        "memory_reserved": lambda device=None: card(device).reserved,
+        "max_memory_reserved": lambda device=None: card(device).peak_reserved,
+        "memory_stats": memory_stats,
+        "reset_peak_memory_stats": lambda device=None: fleet.reset_peak(card_index(fleet, device)),
+        "reset_max_memory_allocated": lambda device=None: fleet.reset_peak(card_index(fleet, device)),
+        "is_bf16_supported": lambda including_emulation=True: bool(fleet.cards)
+        and (including_emulation or props(0).major >= 8),
+        # Randomness on virtual cards comes from the CPU generator, which torch.manual_seed seeds.
+        "current_stream": lambda device=None: DefaultStream(card_index(fleet, device)),
+        "default_stream": lambda device=None: DefaultStream(card_index(fleet, device)),
+        "manual_seed": noop,
+        "manual_seed_all": noop,
+        "seed": noop,
+        "seed_all": noop,
+    }
+    for feature in ("Stream", "Event", "ExternalStream", "CUDAGraph", "graph"):
+        replacements[feature] = _not_simulated_class(f"torch.cuda.{feature}")
+    for feature in (
+        "stream", "set_stream", "make_graphed_callables",
+        "graph_pool_handle", "get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all",
+        "caching_allocator_alloc",
+    ):
+        replacements[feature] = _not_simulated_function(f"torch.cuda.{feature}")
+    return replacements
+
+
+def accelerator_replacements(fleet: Fleet, cuda: dict[str, Any]) -> dict[str, Any]:
+    """``torch.accelerator.*``: the same answers, for code that asks the generic API."""
+    return {
+        "is_available": cuda["is_available"],
+        "device_count": cuda["device_count"],
+        "current_accelerator": lambda check_available=False: torch.device("cuda") if fleet.cards else None,
+        "current_device_index": fleet.current_device,
+        "current_device_idx": fleet.current_device,
+        "set_device_index": cuda["set_device"],
+        "set_device_idx": cuda["set_device"],
+        "synchronize": cuda["synchronize"],
+        "empty_cache": cuda["empty_cache"],
+        "memory_allocated": cuda["memory_allocated"],
+        "max_memory_allocated": cuda["max_memory_allocated"],
+        "memory_reserved": cuda["memory_reserved"],
+        "max_memory_reserved": cuda["max_memory_reserved"],
+        "reset_peak_memory_stats": cuda["reset_peak_memory_stats"],
+        "get_memory_info": cuda["mem_get_info"],
+        "current_stream": cuda["current_stream"],
+    }
+
+
+def _shallow_copy_guard(original):
+    """``Module._apply`` assigns ``param.data`` when this says yes; for a virtual tensor that would leave
+    the wrapper's inner tensor behind, so say no and let it swap or rebuild the parameter instead."""
+
+    @functools.wraps(original)
+    def has_compatible_shallow_copy_type(a, b):
+        if type(a) is VirtualTensor or type(b) is VirtualTensor:
+            return False
+        return original(a, b)
+
+    return has_compatible_shallow_copy_type
+
+
+def _autocast_guard(original_init):
+    @functools.wraps(original_init)
+    def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+        if device_type == "cuda":
+            if enabled:
+                raise NotSimulatedError('autocast("cuda")')
+            # autocast("cuda", enabled=False) (models wrap RoPE in it): no cuda autocast runs here, so keep
+            # the CPU state as it is.
+            return original_init(
+                self, "cpu", dtype=torch.get_autocast_dtype("cpu"), enabled=torch.is_autocast_enabled("cpu"),
+                cache_enabled=cache_enabled,
+            )
+        return original_init(self, device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+    return __init__
+
+
+_compile_warned = False
+
+
+def _eager_compile(model=None, **kwargs):
+    """``torch.compile`` inside a fleet: dynamo cannot trace virtual tensors, so the model runs eagerly."""
+    global _compile_warned
+    if not _compile_warned:
+        _compile_warned = True
+        warnings.warn("torch.compile runs eagerly on virtual GPUs (pytest-llmload)", stacklevel=2)
+    if model is None:
+        return lambda fn: fn
+    return model
+
+
+def _submit_guard(fleet: Fleet, original_submit, mode_factory):
+    """Thread pools started from a fleet thread (transformers 5 loads weights in one) run in the fleet too."""
+
+    @functools.wraps(original_submit)
+    def submit(self, fn, /, *args, **kwargs):
+        if getattr(fleet.thread_state, "mode_depth", 0) <= 0:
+            return original_submit(self, fn, *args, **kwargs)
+        device = fleet.current_device()
+
+        def in_fleet(*a, **k):
+            with mode_factory():
+                fleet.set_device(device)
+                return fn(*a, **k)
+
+        return original_submit(self, in_fleet, *args, **kwargs)
+
+    return submit
+
+
+def _skip_allocator_warmup(model, expanded_device_map, hf_quantizer):
+    """transformers' ``caching_allocator_warmup`` reserves ``min(bytes, total - 1.2 GiB)`` (negative on a small
+    card); a virtual card has no caching allocator to warm, so it is skipped."""
+    return None
+
+
+def _materialize_onto_cards(fleet: Fleet, original):
+    """transformers 5 reads each checkpoint tensor (``slice[...]``, a fresh CPU tensor) and moves it to its
+    device. A fresh tensor that nobody else holds becomes the card's tensor as it is: no second copy, as on
+    a CPU load. A tensor that is not fresh (a state_dict the caller passed) is copied as usual."""
+    from .mode import resolve_device
+    from .tensor import adopt
+
+    @functools.wraps(original)
+    def _materialize_copy(tensor, device=None, dtype=None):
+        target = resolve_device(fleet, device) if device is not None else None
+        if target is None or target.type != "cuda" or isinstance(tensor, torch.Tensor):
+            return original(tensor, device, dtype)
+        fresh = tensor[...]
+        if dtype is not None and fresh.dtype != dtype:
+            fresh = fresh.to(dtype=dtype)
+        return adopt(fresh, target.index)
+
+    return _materialize_copy
+
+
+def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
+    """``(object, attribute, replacement)`` for everything the fleet patches."""
+    import sys
+
+    cuda = cuda_replacements(fleet)
+    targets: list[tuple[Any, str, Any]] = [(torch.cuda, name, value) for name, value in cuda.items()]
+    if hasattr(torch, "accelerator"):
+        targets += [
+            (torch.accelerator, name, value)
+            for name, value in accelerator_replacements(fleet, cuda).items()
+            if hasattr(torch.accelerator, name)
+        ]
+    targets.append((torch, "_has_compatible_shallow_copy_type", _shallow_copy_guard(torch._has_compatible_shallow_copy_type)))
+    targets.append((torch, "compile", _eager_compile))
+    autocast = torch.amp.autocast_mode.autocast
+    targets.append((autocast, "__init__", _autocast_guard(autocast.__init__)))
+    executor = concurrent.futures.ThreadPoolExecutor
+    targets.append((executor, "submit", _submit_guard(fleet, executor.submit, mode_factory)))
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    if modeling_utils is not None and hasattr(modeling_utils, "caching_allocator_warmup"):
+        targets.append((modeling_utils, "caching_allocator_warmup", _skip_allocator_warmup))
+    loading = sys.modules.get("transformers.core_model_loading")
+    if loading is not None and hasattr(loading, "_materialize_copy"):
+        targets.append((loading, "_materialize_copy", _materialize_onto_cards(fleet, loading._materialize_copy)))
+    return targets
