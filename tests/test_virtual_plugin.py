@@ -93,14 +93,19 @@ def test_marker_runs_one_test_on_a_fleet(pytester):
 
         def test_after():
             assert not torch.cuda.is_available()
+        """
+    )
+    pytester.makepyfile(test_bad="""
+        import pytest
 
         @pytest.mark.virtual_gpus("lots")
         def test_bad_spec():
             pass
-        """
-    )
+    """)
     result = pytester.runpytest("-p", "no:randomly")
-    result.stdout.fnmatch_lines(["*virtual_gpus marker: invalid card size 'lots' in virtual GPU spec 'lots'*"])
+    # a bad spec is found at collection, in one line naming the test and the marker
+    result.stdout.fnmatch_lines(["test_bad.py::test_bad_spec: @pytest.mark.virtual_gpus('lots'): invalid card size "
+                                 "'lots' in virtual GPU spec 'lots'*"])
     result.assert_outcomes(passed=3, errors=1)
 
 
