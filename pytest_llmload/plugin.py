@@ -16,6 +16,7 @@ from .fixtures import (  # noqa: F401
     llm_spec,
     llm_tokenizer,
 )
+from .dist import DistPlugin, llm_dist  # noqa: F401
 from .session import SESSION_KEY, LLMLoadSession
 
 
@@ -56,6 +57,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(manager, "llmload-session")
     config.pluginmanager.register(manager.reporter, "llmload-reporter")
     config.pluginmanager.register(manager.affinity, "llmload-affinity")
+    config.pluginmanager.register(DistPlugin(config, manager), "llmload-dist")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -66,4 +68,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         config.pluginmanager.unregister(manager.reporter)
         config.pluginmanager.unregister(manager.affinity)
         manager.affinity.close()
+        dist_plugin = config.pluginmanager.get_plugin("llmload-dist")
+        if dist_plugin is not None:
+            dist_plugin.close()
+            config.pluginmanager.unregister(dist_plugin)
         del config.stash[SESSION_KEY]
