@@ -218,6 +218,28 @@ def missing_problem(missing: list[int], test: str, timeout: float, last_failures
     return line + (f" ({'; '.join(known)})" if known else "")
 
 
+# What a collective that timed out raises: gloo closes its pairs (the group is unusable afterwards),
+# nccl's watchdog aborts the communicator.
+_COLLECTIVE_TIMEOUTS = ("Timed out waiting", "Application timeout caused pair closure",
+                        "Watchdog caught collective operation timeout", "DistBackendError")
+
+
+def collective_timeout_problem(test: str, message: str, rank: int, others: Mapping[int, str]) -> str | None:
+    """One line when ``message`` (a test's failure) is a collective that timed out, else None."""
+    if not any(marker in message for marker in _COLLECTIVE_TIMEOUTS):
+        return None
+    why = "; ".join(f"rank {r} failed {text}" for r, text in sorted(others.items()))
+    return (f"llmload: a collective timed out on rank {rank} in {test}"
+            + (f" ({why})" if why else " (the other ranks did not arrive)")
+            + "; the process group cannot be used after a timeout, stopping the session on every rank")
+
+
+def _timedelta(seconds: float):
+    import datetime
+
+    return datetime.timedelta(seconds=seconds)
+
+
 def _ranks(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
@@ -336,11 +358,20 @@ class Lockstep:
         keys = [self._key("end", r) for r in range(self.world.world_size)]
         if self._wait(keys, time.monotonic() + self.timeout + self.grace):
             return None
-        values = self.store.multi_get(keys)
-        self.store.set(self._key("read", self.world.rank), "1")
-        if self.world.rank == 0:  # the store may live in rank 0: stay until every rank has read
-            self._wait([self._key("read", r) for r in range(self.world.world_size)], time.monotonic() + self.grace)
-        return {r: json.loads(v) for r, v in enumerate(values)}
+        return {r: json.loads(v) for r, v in enumerate(self.store.multi_get(keys))}
+
+    def finish(self, failed: bool = False) -> None:
+        """Rank 0 says it is done; the others wait for that (bounded) before they exit, since torchrun
+        stops every worker as soon as one exits non-zero, and rank 0 still has the report to write."""
+        try:
+            if self.world.rank == 0:
+                self.store.set(self._key("done"), "1")
+            else:
+                self.store.wait([self._key("done")], _timedelta(self.timeout + self.grace))
+                if failed:
+                    time.sleep(1.0)  # let rank 0 exit first: a non-zero exit here makes torchrun stop it
+        except Exception:  # noqa: BLE001 - rank 0 gone (its store with it) or timed out: nothing to wait for
+            pass
 
 
 # -- the plugin object ------------------------------------------------------------------------------
@@ -362,6 +393,10 @@ class DistPlugin:
         self._out = None
         if self.active:
             self.session.reporter.worker_name = f"rank{self.world.rank}"
+            if self.world.rank != 0:  # only rank 0 writes --llm-report, the baseline and the summary
+                self.session.reporter.is_worker = True
+        self.exitstatus = 0
+        self._devnull = None
 
     # -- start-up --
     @pytest.hookimpl(tryfirst=True)
@@ -396,7 +431,7 @@ class DistPlugin:
         if line is None:
             return None
         item.session.shouldstop = line
-        self._print(line)
+        self._print(line, everywhere=False)  # rank 0's terminal says it as "Interrupted: ..."
         return True  # the test does not run: the session stops after it
 
     @pytest.hookimpl(tryfirst=True)
@@ -440,6 +475,10 @@ class DistPlugin:
             if others:
                 report.sections.append(("llmload: other ranks", "\n".join(
                     f"rank {r} failed {text}" for r, text in sorted(others.items()))))
+            line = collective_timeout_problem(item.nodeid, str(report.longrepr), self.world.rank, others)
+            if line is not None:
+                item.session.shouldstop = self.lockstep.stop(line)
+                self._print(item.session.shouldstop, everywhere=False)
         return report
 
     def pytest_runtest_logreport(self, report) -> None:
@@ -460,12 +499,14 @@ class DistPlugin:
     def pytest_sessionfinish(self, session, exitstatus) -> None:
         if self.lockstep is None:
             return
+        self.exitstatus = int(session.exitstatus)
         line = self.lockstep.checkin(END)
         if line is not None:
             if not session.shouldstop:
                 self._print(line)
             session.exitstatus = max(int(session.exitstatus), 1) if int(session.exitstatus) in (0, 5) \
                 else session.exitstatus
+            self.exitstatus = int(session.exitstatus)
             return
         mine = {"status": int(session.exitstatus), "loads": self.payloads if self.world.rank else [],
                 "failures": self.failures}
@@ -473,8 +514,10 @@ class DistPlugin:
         if everyone is None:
             self._print(f"llmload: not every rank reached the end of the session within {self.timeout:g} s")
             session.exitstatus = max(int(session.exitstatus), 1)
+            self.exitstatus = int(session.exitstatus)
             return
         session.exitstatus = merge_exit_status({r: p["status"] for r, p in everyone.items()})
+        self.exitstatus = int(session.exitstatus)
         if self.world.rank == 0:
             reporter = self.session.reporter
             merge_rank_loads(reporter.report, {r: p["loads"] for r, p in everyone.items() if r != 0})
@@ -493,6 +536,9 @@ class DistPlugin:
                 terminalreporter.write_line(line)
 
     def close(self) -> None:
+        if self.lockstep is not None:
+            self.lockstep.finish(failed=self.exitstatus != 0)
+            self.lockstep = None
         if getattr(self, "_devnull", None) is not None:
             self._devnull.close()
             self._devnull = None
@@ -503,7 +549,9 @@ class DistPlugin:
                 dist.destroy_process_group()
         self.created_group = False
 
-    def _print(self, line: str) -> None:
+    def _print(self, line: str, everywhere: bool = True) -> None:
+        if not everywhere and self.world.rank == 0:
+            return
         if self._out is not None:
             self._out.line(line)
             self._out.flush()
