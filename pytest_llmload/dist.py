@@ -299,11 +299,11 @@ class Lockstep:
         pause = 0.0005
         stop_key = self._key("stop")
         while True:
-            if self.store.check(keys):
-                return []
-            if self.store.check([stop_key]):
+            if self.store.check([stop_key]):  # first: a late rank finds every key set and a stop
                 self.stopped = self.store.get(stop_key).decode()
                 return keys
+            if self.store.check(keys):
+                return []
             if time.monotonic() >= deadline:
                 return [k for k in keys if not self.store.check([k])]
             time.sleep(pause)
