@@ -201,8 +201,8 @@ def rank_view(model, per_device: dict[str, int], footprint: int) -> tuple[dict[s
 
 def lockstep_problem(ids: Mapping[int, str], seq: int) -> str | None:
     """One line when the ranks are not about to run the same test (``ids``: rank -> test id), else None."""
-    if len(set(ids.values())) <= 1:
-        return None
+    if len({END if test.startswith(END[:-1]) else test for test in ids.values()}) <= 1:
+        return None  # every rank at the end, whatever stopped it
     groups: dict[str, list[int]] = {}
     for rank in sorted(ids):
         groups.setdefault(ids[rank], []).append(rank)
@@ -500,7 +500,8 @@ class DistPlugin:
         if self.lockstep is None:
             return
         self.exitstatus = int(session.exitstatus)
-        line = self.lockstep.checkin(END)
+        why = session.shouldfail or session.shouldstop
+        line = self.lockstep.checkin(f"{END[:-1]}: {why})" if why else END)
         if line is not None:
             if not session.shouldstop:
                 self._print(line)

@@ -69,6 +69,18 @@ def test_tp_plan_problem_names_models_without_a_plan():
     assert "builtin:tiny-gpt2 (GPT2Config) has none" in problem
 
 
+def test_loading_tp_without_a_launcher_is_one_clear_error(monkeypatch):
+    from pytest_llmload.errors import LLMLoadUsageError
+    from pytest_llmload.loading import load_model
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(LLMLoadUsageError, match=f"device map tp {NEEDS_LAUNCHER}"):
+        load_model("builtin:tiny-llama", device_map="tp")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LLMLoadUsageError, match="builtin:tiny-gpt2 .GPT2Config. has none"):
+        load_model("builtin:tiny-gpt2", device_map="tp")  # refused before any process group is joined
+
+
 def test_tp_is_a_device_map_kind():
     spec = parse_device_map("tp")
     assert (spec.kind, spec.as_user_value(), spec.label) == ("tp", "tp", "tp")
@@ -76,6 +88,9 @@ def test_tp_is_a_device_map_kind():
 
 def test_lockstep_problem_and_missing_ranks_lines():
     assert lockstep_problem({0: "a::t1", 1: "a::t1"}, 0) is None
+    assert lockstep_problem({0: END, 1: "(end of session: stopping after 1 failures)"}, 3) is None
+    assert "rank 1 at (end of session: stopping after 1 failures)" in lockstep_problem(
+        {0: "a::t2", 1: "(end of session: stopping after 1 failures)"}, 1)
     line = lockstep_problem({0: "a::t2", 1: "a::t3", 2: "a::t2"}, 4)
     assert line == ("llmload: ranks out of lockstep at step 5: ranks 0, 2 at a::t2; rank 1 at a::t3; "
                     "stopping the session on every rank")
