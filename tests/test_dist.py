@@ -404,3 +404,15 @@ def test_builtin_checkpoints_written_on_a_rank_other_than_0_are_whole(tmp_path, 
     del manifest["files"]["config.json"]
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     assert not _is_complete(tmp_path)  # a copy without its model is never taken as complete
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["estimate", "builtin:tiny-llama", "--device-map", "tp"], "--device-map tp shards the weights"),
+    (["validate", "builtin:tiny-llama", "tp"], "'tp' is decided at load time"),
+])
+def test_cli_refuses_tp_with_the_way_out(capsys, argv, message):
+    from pytest_llmload.cli import main
+
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert message in err and "internal error" not in err and len(err.strip().splitlines()) == 1
