@@ -415,17 +415,111 @@ def bench_virtual(bench, checkpoint):
               virtual_rss, cpu_rss, lambda r: r <= 1.1, "<= 1.1", note="a virtual card holds no second copy")
 
 
+# -- 8. tensor parallel and the lockstep check ---------------------------------------------------------
+
+TP_SCRIPT = r"""
+import json, os, sys, time
+import torch
+from pytest_llmload.loading import load_model
+
+path, device_map, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ids = torch.randint(4, 300, (1, 128), generator=torch.Generator().manual_seed(0))
+result = {"load": [], "forward": []}
+for _ in range(rounds):
+    start = time.perf_counter()
+    model = load_model(path, device_map=device_map)
+    result["load"].append(time.perf_counter() - start)
+    with torch.no_grad():
+        model(ids)  # warm
+        start = time.perf_counter()
+        for _ in range(3):
+            model(ids)
+        result["forward"].append((time.perf_counter() - start) / 3)
+    del model
+if device_map == "tp":
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_store
+    from pytest_llmload.dist import Lockstep, launched_world
+    guard = Lockstep(dist.PrefixStore("llmload-bench/", _get_default_store()), launched_world(), 60)
+    costs = []
+    for i in range(300):
+        dist.barrier()  # both ranks start together: the cost of the check itself, not of waiting for a slow rank
+        start = time.perf_counter()
+        assert guard.checkin(f"tests/test_x.py::test_{i}") is None
+        costs.append(time.perf_counter() - start)
+    result["lockstep"] = costs
+    dist.destroy_process_group()
+    if int(os.environ["RANK"]) != 0:
+        sys.exit(0)
+print(json.dumps(result))
+"""
+
+
+def write_llama_checkpoint(bench) -> Path:
+    """A Llama checkpoint the size of GPT-2 small (~124M parameters, tied embeddings): GPT-2 has no TP plan."""
+    code = textwrap.dedent(f"""
+        import torch, sys
+        from transformers import LlamaConfig, LlamaForCausalLM
+        quick = {bench.args.quick!r}
+        config = LlamaConfig(hidden_size=64 if quick else 768, intermediate_size=128 if quick else 2048,
+                             num_hidden_layers=2 if quick else 12, num_attention_heads=4 if quick else 12,
+                             num_key_value_heads=4 if quick else 12, vocab_size=320 if quick else 50257,
+                             max_position_embeddings=256 if quick else 1024, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(sys.argv[1])
+        print(sum(p.numel() for p in model.parameters()))
+    """)
+    path = bench.work / "llama-gpt2-sized"
+    out = subprocess.run([PY, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    return path, int(out.stdout.strip().splitlines()[-1])
+
+
+def bench_tp(bench):
+    """tp over 2 ranks (torchrun, gloo, one thread each) vs one process with both cores, and the lockstep
+    check's cost per test (both ranks released together by a barrier, so waiting is not counted)."""
+    checkpoint, parameters = write_llama_checkpoint(bench)
+    rounds = str(bench.args.repeat + 1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    single = subprocess.run([PY, "-c", TP_SCRIPT, str(checkpoint), "cpu", rounds], capture_output=True, text=True,
+                            check=True, env={**env, "OMP_NUM_THREADS": "2"}, timeout=900).stdout
+    script = bench.work / "tp_bench.py"
+    script.write_text(TP_SCRIPT)
+    launched = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                               str(_free_port()), str(script), str(checkpoint), "tp", rounds],
+                              capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=900)
+    if launched.returncode != 0:
+        raise RuntimeError(f"tp benchmark failed:\n{launched.stdout[-3000:]}\n{launched.stderr[-3000:]}")
+    base = {k: v[1:] for k, v in json.loads(single.strip().splitlines()[-1]).items()}  # first round warms up
+    tp = {k: (v[1:] if k != "lockstep" else v) for k, v in json.loads(launched.stdout.strip().splitlines()[-1]).items()}
+    size = f"{parameters / 1e6:.0f}M"
+    bench.add(f"tp {size}: load, 2 ranks vs 1 process", "s", tp["load"], base["load"],
+              note="gloo on 2 cores; for the record, no target")
+    bench.add(f"tp {size}: forward 1x128, 2 ranks vs 1 process", "s", tp["forward"], base["forward"],
+              note="gloo on 2 cores; for the record, no target")
+    bench.add("tp: lockstep check per test (rank 0)", "ms", [c * 1000 for c in tp["lockstep"]],
+              target=lambda v: v < 5, target_text="< 5 ms", note="300 check-ins through the store")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, fewer runs (a smoke test)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--repeat", type=int, help="runs per figure (default 5; 2 with --quick)")
-    parser.add_argument("--only", help="comma-separated: startup,load,reuse,release,planner,strategies,virtual")
+    parser.add_argument("--only", help="comma-separated: startup,load,reuse,release,planner,strategies,virtual,tp")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (2 if args.quick else 5)
     bench = Bench(args)
-    wanted = set((args.only or "startup,load,reuse,release,planner,strategies,virtual").split(","))
+    wanted = set((args.only or "startup,load,reuse,release,planner,strategies,virtual,tp").split(","))
     if not args.json:
         print(f"{'figure':<46} {'min':>9} {'median':>9} {'max':>9} unit", flush=True)
     checkpoint = write_checkpoint(bench) if wanted & {"load", "reuse", "release", "virtual"} else None
@@ -443,6 +537,8 @@ def main(argv=None) -> int:
         bench_strategies(bench)
     if "virtual" in wanted:
         bench_virtual(bench, checkpoint)
+    if "tp" in wanted:
+        bench_tp(bench)
     import shutil
 
     shutil.rmtree(bench.work, ignore_errors=True)

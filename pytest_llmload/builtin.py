@@ -177,6 +177,8 @@ def _is_complete(path: Path) -> bool:
 
     try:
         manifest = read_json(path / MANIFEST)  # never a FIFO, never unbounded
+        if "config.json" not in manifest["files"]:  # a copy written without its model (see _write_checkpoint)
+            return False
         return all(not_regular(path / f) is None and (path / f).stat().st_size == size
                    for f, size in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -211,6 +213,9 @@ def _write_checkpoint(model: BuiltinModel, directory: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         network = getattr(transformers, model.model_class)(config)
+    # Under a launcher (torch.distributed initialized) transformers writes weights and config on rank 0 only,
+    # and this is every process's own private staging copy: each must write all of it.
+    network.should_save_on_this_rank = lambda is_main_process: True
     network.save_pretrained(directory, safe_serialization=True)
     build_tokenizer(model).save_pretrained(directory)
     files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file() and p.name != MARKER_NAME}

@@ -288,6 +288,9 @@ def _validate(args) -> int:
     from .validation import validate_device_map
 
     spec = args.device_map
+    if spec.kind == "tp":
+        raise LLMLoadError("'tp' is decided at load time by the model's tensor-parallel plan, not a map to "
+                           "validate (validate checks custom maps)")
     if spec.kind in ("strategy", "process"):
         raise LLMLoadError(f"{spec.value!r} is decided at load time, not a map to validate: see it with "
                            f"llmload plan MODEL --strategy {spec.value} --gpus ... (validate checks custom maps)"
@@ -316,6 +319,9 @@ def _estimate(args) -> int:
     if spec is not None and spec.kind == "process":
         raise LLMLoadError("--device-map process puts one copy on each process's own GPU: estimate one process "
                            "with --device-map 0")
+    if spec is not None and spec.kind == "tp":
+        raise LLMLoadError("--device-map tp shards the weights over the launched processes, which estimate does "
+                           "not model: estimate one whole copy with --device-map 0 (an upper bound per rank)")
     if spec is not None and spec.kind == "strategy":
         if not args.gpus:
             raise LLMLoadError(f"--device-map {spec.value} is planned by from_pretrained from the GPUs it finds: "

@@ -62,6 +62,7 @@ def cell_need(spec: LLMSpec, free: dict[int | str, int]) -> dict[int | str, int]
     """Bytes per device the cell's weights take once loaded, planned from the config (no weights)."""
     from .loading import resolve_device_map
     from .planning import meta_model, module_sizes, plan_device_map
+    from .specs import parse_device_map
 
     kind = spec.device_map_spec.kind
     if kind == "strategy":
@@ -73,7 +74,9 @@ def cell_need(spec: LLMSpec, free: dict[int | str, int]) -> dict[int | str, int]
         return dict(plan.bytes_per_device)
     network, quantizer = meta_model(spec.model_spec, spec.precision)
     sizes = module_sizes(network, quantizer=quantizer)
-    return bytes_per_device(resolve_device_map(spec.device_map_spec), sizes)
+    # tp: each rank holds at most one whole copy on its own device, as under ``process`` (an upper bound)
+    map_spec = parse_device_map("process") if kind == "tp" else spec.device_map_spec
+    return bytes_per_device(resolve_device_map(map_spec), sizes)
 
 
 _FLOAT_TYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}

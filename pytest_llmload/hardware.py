@@ -350,7 +350,7 @@ def cell_reasons(spec: LLMSpec, inventory: Inventory) -> list[str]:
         if highest >= inventory.count:
             devices = ", ".join(f"cuda:{i}" for i in sorted(indices))
             reasons.append(f"device map {spec.device_map_spec.label} needs {devices}; {_gpu_list(inventory.gpus)}")
-    on_gpus = indices or (inventory.gpus and spec.device_map_spec.kind in ("strategy", "process"))
+    on_gpus = indices or (inventory.gpus and spec.device_map_spec.kind in ("strategy", "process", "tp"))
     if spec.precision == "bf16" and on_gpus:
         used = [g for g in inventory.gpus if not indices or g.index in indices]
         lacking = [g for g in used if not g.supports_bf16]

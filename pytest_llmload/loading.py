@@ -253,7 +253,11 @@ def prepare_load(
     spec = parse_model(model)
     precision = reconcile_precision(precision, kwargs) or "auto"
     budget = parse_max_memory(max_memory)
-    resolved_map = resolve_device_map(parse_device_map(device_map)) if device_map is not None else None
+    map_spec = parse_device_map(device_map) if device_map is not None else None
+    tensor_parallel = map_spec is not None and map_spec.kind == "tp"
+    if tensor_parallel:
+        map_spec = None  # transformers places the shards: tp and a device_map are mutually exclusive
+    resolved_map = resolve_device_map(map_spec) if map_spec is not None else None
     problem = quantized_map_problem(precision, resolved_map)
     if problem and kwargs.get("quantization_config") is None:
         raise LLMLoadUsageError(problem)
@@ -263,6 +267,10 @@ def prepare_load(
     cls = model_class_for(config, model_class)
     source = resolve_source(spec)
     notes: list[str] = []
+    if tensor_parallel:
+        from .dist import tp_load_kwargs
+
+        kwargs = {**tp_load_kwargs(spec.text, config, cls), **kwargs}  # distributed_config over the world
 
     call: dict[str, Any] = {"trust_remote_code": trust_remote_code, "config": config}
     if _is_local(spec):
@@ -355,7 +363,7 @@ def needs_offload_folder(device_map: Any, max_memory: Any = None) -> bool:
     """Whether a load may put weights on disk: a strategy or a budget can spill, a map can name disk."""
     if device_map is None:
         return False
-    return isinstance(device_map, str) or "disk" in map_devices(device_map) or bool(max_memory)
+    return (isinstance(device_map, str) and device_map != "tp") or "disk" in map_devices(device_map) or bool(max_memory)
 
 
 def _load_error(spec: ModelSpec, source: str, exc: BaseException, allow_pickle: bool) -> str:

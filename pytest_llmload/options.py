@@ -37,7 +37,7 @@ OPTIONS: list[tuple[str, str, str, dict, str, Any]] = [
     ("--llm-model", "llm_models", "model: hub id, local directory or builtin:NAME (repeatable; "
      "default builtin:tiny-llama)", dict(action="append", metavar="ID"), "linelist", None),
     ("--llm-device-map", "llm_device_maps", "device map: auto, balanced, balanced_low_0, sequential, cpu, "
-     "cuda, cuda:N, N, disk, process, a JSON object or @file.json (repeatable; default auto)",
+     "cuda, cuda:N, N, disk, process, tp, a JSON object or @file.json (repeatable; default auto)",
      dict(action="append", metavar="MAP"), "linelist", None),
     ("--llm-precision", "llm_precisions", "precision: auto, fp32, fp16, bf16, int8, nf4, fp4 (repeatable; "
      "default auto = the checkpoint's dtype)", dict(action="append", metavar="P"), "linelist", None),
@@ -63,6 +63,9 @@ OPTIONS: list[tuple[str, str, str, dict, str, Any]] = [
      dict(metavar="PATH"), "string", None),
     ("--llm-footprint-tolerance", "llm_footprint_tolerance", "how much a footprint may grow over its "
      "baseline (default 0.05, i.e. 5 percent)", dict(metavar="FRACTION"), "string", None),
+    ("--llm-dist-timeout", "llm_dist_timeout", "under torchrun/accelerate launch: seconds a collective or the "
+     "per-test lockstep check waits for the other ranks before the test fails (default 300)",
+     dict(metavar="SECONDS"), "string", None),
     ("--llm-gpus-per-worker", "llm_gpus_per_worker", "under pytest-xdist, give each worker its own K GPUs "
      "(disjoint slices of the visible ones)", dict(metavar="K"), "string", None),
     ("--llm-virtual-gpus", "llm_virtual_gpus", "run the session on a virtual GPU fleet: CPU-backed cards "
@@ -98,6 +101,7 @@ class Options:
     cuda_context: int | None = None  # None: measured on first use
     baseline: str | None = None
     baseline_tolerance: float = 0.05
+    dist_timeout: float = 300.0
 
 
 class _Reader:
@@ -202,6 +206,11 @@ def parse_options(config: pytest.Config) -> Options:
     cuda_context = parse_size(context_text) if context_text and str(context_text) != "auto" else None
     tolerance = _fraction(str(read.scalar("llm_footprint_tolerance")[0] or "0.05"), "--llm-footprint-tolerance",
                           upper=None, accepted="a finite fraction >= 0 such as 0.05")
+    dist_timeout = _fraction(str(read.scalar("llm_dist_timeout")[0] or "300"), "--llm-dist-timeout", upper=None,
+                             accepted="a number of seconds > 0 such as 300")
+    if dist_timeout <= 0:
+        raise LLMLoadUsageError(f"invalid --llm-dist-timeout value {read.scalar('llm_dist_timeout')[0]!r}: "
+                                "expected a number of seconds > 0 such as 300")
     report = read.path("llm_report")
     baseline = read.path("llm_footprint_baseline")
     for option, path in (("--llm-report", report), ("--llm-footprint-baseline", baseline)):
@@ -222,6 +231,7 @@ def parse_options(config: pytest.Config) -> Options:
         cuda_context=cuda_context,
         baseline=baseline,
         baseline_tolerance=tolerance,
+        dist_timeout=dist_timeout,
     )
 
 

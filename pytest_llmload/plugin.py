@@ -16,6 +16,7 @@ from .fixtures import (  # noqa: F401
     llm_spec,
     llm_tokenizer,
 )
+from .dist import DistPlugin, llm_dist  # noqa: F401
 from .session import SESSION_KEY, LLMLoadSession
 
 
@@ -62,6 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = manager
     for name, plugin in manager.plugins.items():
         config.pluginmanager.register(plugin, name)
+    config.pluginmanager.register(DistPlugin(config, manager), "llmload-dist")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -70,6 +72,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         manager.close()
         for plugin in manager.plugins.values():
             config.pluginmanager.unregister(plugin)
+        dist_plugin = config.pluginmanager.get_plugin("llmload-dist")
+        if dist_plugin is not None:
+            dist_plugin.close()
+            config.pluginmanager.unregister(dist_plugin)
         del config.stash[SESSION_KEY]
     from .virtual import pytest_support as virtual_support
 

@@ -50,9 +50,12 @@ def describe_load(model, record) -> dict[str, Any]:
             key = normalize_device(device) if device is not None else "unplaced"
             per_device[key] = per_device.get(key, 0) + tensor.nelement() * tensor.element_size()
         hops = device_hops(model)
+    from .dist import rank_view
+
+    per_device, world = rank_view(model, per_device, footprint)  # under a launcher: rankR:device, world size
     spec = record.spec
     return {
-        "key": spec.key, "kind": record.kind,
+        **world, "key": spec.key, "kind": record.kind,
         "id": spec.id, "model": spec.model, "device_map": spec.device_map, "precision": spec.precision,
         "load_seconds": round(record.load_seconds, 4), "footprint_bytes": footprint,
         "bytes_per_device": per_device, "device_hops": hops, "notes": list(record.info.notes),
@@ -79,6 +82,7 @@ class LoadReport:
             elif kind == "private":
                 cell["private_loads"] += 1
             cell["load_seconds"] = round(cell["load_seconds"] + load["load_seconds"], 4)
+            cell.setdefault("bytes_per_device", {}).update(load.get("bytes_per_device", {}))  # ranks: rankR:dev
             if worker not in cell["workers"]:
                 cell["workers"].append(worker)
         for key in payload.get("used", []):
@@ -139,6 +143,7 @@ class Reporter:
         self.notes_from: list = []  # callables giving a note for the report (e.g. how xdist split cells)
         self.notes: list[str] = []
         self._sent_notes: set[str] = set()
+        self.worker_name = os.environ.get("PYTEST_XDIST_WORKER", "main")  # "rankR" under a launcher
 
     # -- what the running process records ---------------------------------------------------------
     def record_load(self, entry) -> None:
@@ -182,7 +187,7 @@ class Reporter:
                 report.user_properties.append((NOTE_PROPERTY, note))
         if report.when == "teardown" and (self.pending_loads or self.used):
             payload = {"loads": self.pending_loads, "used": sorted(self.used),
-                       "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
+                       "worker": self.worker_name}
             report.user_properties.append((PROPERTY, json.dumps(payload)))
             self.pending_loads, self.used = [], set()
 

@@ -21,7 +21,7 @@ QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
 _PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "4bit": "nf4", "8bit": "int8"}
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 DEVICE_MAP_ACCEPTED = (
-    "auto, balanced, balanced_low_0, sequential, cpu, cuda, cuda:N, N, disk, process, "
+    "auto, balanced, balanced_low_0, sequential, cpu, cuda, cuda:N, N, disk, process, tp, "
     "a JSON object such as '{\"\": 0}' or @file.json"
 )
 # Devices a custom map may name: cpu, disk, meta, an accelerator index or "<type>[:N]".
@@ -125,7 +125,8 @@ class DeviceMapSpec:
     """A parsed ``--llm-device-map`` value.
 
     ``kind`` is ``strategy`` (auto, balanced, ...), ``device`` (the whole model on one device),
-    ``process`` (one copy per process, resolved at load time) or ``custom`` (a dict). Values are
+    ``process`` (one copy per process, resolved at load time), ``tp`` (tensor parallel over the
+    launched world, see :mod:`pytest_llmload.dist`) or ``custom`` (a dict). Values are
     canonical, so ``0``, ``cuda``, ``cuda:0`` and ``{"": 0}`` are one and the same spec.
     """
 
@@ -135,7 +136,7 @@ class DeviceMapSpec:
     source: str = field(default="", compare=False)
 
     def as_user_value(self) -> Any:
-        """The map as a user would pass it to ``from_pretrained`` (``process`` stays symbolic)."""
+        """The map as a user would pass it to ``from_pretrained`` (``process`` and ``tp`` stay symbolic)."""
         if self.kind == "custom":
             return dict(self.value)
         if self.kind == "device":
@@ -192,6 +193,8 @@ def parse_device_map(value: Any, *, base: str | os.PathLike | None = None) -> De
         return DeviceMapSpec("strategy", text, text)
     if text == "process":
         return DeviceMapSpec("process", "process", "process")
+    if text == "tp":
+        return DeviceMapSpec("tp", "tp", "tp")
     if text.startswith("@"):
         path = _resolve_path(text[1:], base)
         try:
