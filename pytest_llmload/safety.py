@@ -156,10 +156,7 @@ def check_checkpoint_files(directory: str | os.PathLike) -> None:
     Reads only headers (a few KB), so a truncated multi-GB file is found without reading it.
     """
     path = Path(directory)
-    try:
-        entries = sorted(path.iterdir())
-    except OSError as exc:
-        raise ModelLoadError(f"cannot list checkpoint {path}: {exc.strerror or exc}") from None
+    entries = _entries(path, "checkpoint")
     for entry in entries:
         if entry.name.endswith(_MODEL_SUFFIXES) and entry.name not in _TOKENIZER_ONLY:
             require_regular(entry, "checkpoint file")
@@ -207,13 +204,16 @@ def _check_index(path: Path, index: Path) -> None:
                              "which are missing")
 
 
+def _entries(path: Path, what: str) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except OSError as exc:
+        raise ModelLoadError(f"cannot list {what} {path}: {exc.strerror or exc}") from None
+
+
 def check_tokenizer_files(directory: str | os.PathLike) -> None:
     path = Path(directory)
-    try:
-        entries = sorted(path.iterdir())
-    except OSError as exc:
-        raise ModelLoadError(f"cannot list tokenizer folder {path}: {exc.strerror or exc}") from None
-    for entry in entries:
+    for entry in _entries(path, "tokenizer folder"):
         if entry.name.endswith(_TOKENIZER_SUFFIXES):
             require_regular(entry, "tokenizer file")
     for name in _TOKENIZER_JSON:

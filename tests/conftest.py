@@ -6,8 +6,11 @@ import pytest
 
 # pytester's in-process runs restore sys.modules afterwards, and torch cannot be imported twice in
 # one process: import the heavy stack once, here, so every in-process run shares it.
-import bitsandbytes  # noqa: E402,F401
 import torch  # noqa: E402,F401
+
+from pytest_llmload.hardware import import_bitsandbytes  # noqa: E402
+
+import_bitsandbytes()  # quietly: its import warns about torch.jit and kernels-community
 import transformers  # noqa: E402,F401
 
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -18,6 +21,15 @@ pytest_plugins = ["pytester"]
 settings.register_profile("llmload", max_examples=30, derandomize=True, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("llmload")
+
+
+@pytest.fixture(autouse=True)
+def _not_an_xdist_worker_for_nested_runs(monkeypatch):
+    """When this suite runs under pytest-xdist, a pytest started by a test (pytester) must not inherit the
+    outer worker's identity: it would take itself for worker gw0 and slice its GPUs as one."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID",
+                 "LLMLOAD_WORKER_GPUS_NOTE"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

@@ -54,7 +54,9 @@ class _Runtime:
         import torch._dynamo  # noqa: F401 - dynamo reads torch.cuda at import; it must see the real one
 
         if importlib.util.find_spec("bitsandbytes") is not None:
-            import bitsandbytes  # noqa: F401 - it picks its backend at import: the machine's, not the fleet's
+            from ..hardware import import_bitsandbytes
+
+            import_bitsandbytes()  # (quietly) it picks its backend at import: the machine's, not the fleet's
         if importlib.util.find_spec("transformers") is not None:
             import transformers.core_model_loading  # noqa: F401 - patched below (weight materialization)
             import transformers.modeling_utils  # noqa: F401 - patched below (allocator warmup)
