@@ -127,7 +127,7 @@ def bench_startup(bench):
         with_plugin.append(run([PY, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=suite))
         without.append(run([PY, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:llmload"],
                            cwd=suite))
-    bench.add(f"start-up: collect {count} plain tests", "s", with_plugin, without, lambda r: r <= 1.05, "<= 1.05")
+    bench.add(f"start-up: collect {count} plain tests", "s", with_plugin, without, lambda r: r <= 1.02, "<= 1.02")
 
 
 # -- 2. load cost ----------------------------------------------------------------------------------------
@@ -509,20 +509,89 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+
+# -- 9. scale: loads per cell under xdist, whole-process load overhead, the CLI's start-up --------------
+
+XDIST_SUITE = """
+import pytest
+
+@pytest.mark.parametrize("n", range(10))
+def test_cell(llm_model, n):
+    pass
+"""
+
+
+def bench_xdist(bench):
+    """4 cells x 10 tests: loads across the run with -n 2 and -n 4 (target: exactly 4), wall time vs -n 0."""
+    suite = bench.work / "xdist-suite"
+    suite.mkdir()
+    (suite / "test_cells.py").write_text(XDIST_SUITE)
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    cells = ["--llm-model=builtin:tiny-llama", "--llm-model=builtin:tiny-gpt2", "--llm-precision=fp32",
+             "--llm-precision=fp16"]
+    walls: dict[str, list[float]] = {"0": [], "2": [], "4": []}
+    loads: dict[str, int] = {}
+    for _ in range(max(1, bench.args.repeat // 2)):
+        for workers in walls:
+            report = suite / f"report-{workers}.json"
+            walls[workers].append(run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers, *cells,
+                                       f"--llm-report={report}"], cwd=suite))
+            loads[workers] = sum(c["loads"] for c in json.loads(report.read_text())["cells"])
+    for workers in ("2", "4"):
+        bench.add(f"xdist -n {workers}: loads of 4 cells x 10 tests", "loads", [loads[workers]],
+                  target=lambda v: v == 4, target_text="== 4")
+        bench.add(f"xdist -n {workers}: wall time vs -n 0", "s", walls[workers], walls["0"],
+                  note="2 cores: workers share them; the figure is for the record")
+
+
+PROCESS_LOAD = {
+    "bare": "import sys, torch; from transformers import AutoModelForCausalLM; "
+            "AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, use_safetensors=True, "
+            "local_files_only=True)",
+    "load_model": "import sys; from pytest_llmload import load_model; load_model(sys.argv[1], precision='fp32')",
+}
+
+
+def bench_load_process(bench, checkpoint):
+    """A whole process that runs load_model vs one that runs bare from_pretrained (what users pay per process)."""
+    times: dict[str, list[float]] = {k: [] for k in PROCESS_LOAD}
+    for _ in range(bench.args.repeat * 2):
+        for name, code in PROCESS_LOAD.items():
+            times[name].append(run([PY, "-c", code, str(checkpoint)]))
+    bench.add(f"load process {bench.parameters / 1e6:.0f}M fp32: load_model vs from_pretrained", "s",
+              times["load_model"], times["bare"], lambda r: r <= 1.03, "<= 1.03")
+
+
+def bench_cli(bench):
+    """``llmload --help``: seconds, and no torch/transformers imported."""
+    code = ("import sys, runpy; sys.argv = ['llmload', '--help']\n"
+            "try:\n    runpy.run_module('pytest_llmload', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)")
+    times = []
+    heavy = ""
+    for _ in range(bench.args.repeat * 2):
+        start = time.perf_counter()
+        proc = subprocess.run([PY, "-c", code], capture_output=True, text=True)
+        times.append(time.perf_counter() - start)
+        heavy = proc.stderr.strip().splitlines()[-1]
+    bench.add("llmload --help", "s", times, target=lambda v: v < 0.5, target_text="< 0.5 s",
+              note=heavy.replace("HEAVY", "imported:"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, fewer runs (a smoke test)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--repeat", type=int, help="runs per figure (default 5; 2 with --quick)")
-    parser.add_argument("--only", help="comma-separated: startup,load,reuse,release,planner,strategies,virtual,tp")
+    parser.add_argument("--only", help="comma-separated: startup,load,reuse,release,planner,strategies,virtual,tp,xdist,process,cli")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (2 if args.quick else 5)
     bench = Bench(args)
-    wanted = set((args.only or "startup,load,reuse,release,planner,strategies,virtual,tp").split(","))
+    wanted = set((args.only or "startup,load,reuse,release,planner,strategies,virtual,tp,xdist,process,cli").split(","))
     if not args.json:
         print(f"{'figure':<46} {'min':>9} {'median':>9} {'max':>9} unit", flush=True)
-    checkpoint = write_checkpoint(bench) if wanted & {"load", "reuse", "release", "virtual"} else None
+    checkpoint = write_checkpoint(bench) if wanted & {"load", "reuse", "release", "virtual", "process"} else None
     if "startup" in wanted:
         bench_startup(bench)
     if "load" in wanted:
@@ -539,6 +608,12 @@ def main(argv=None) -> int:
         bench_virtual(bench, checkpoint)
     if "tp" in wanted:
         bench_tp(bench)
+    if "xdist" in wanted:
+        bench_xdist(bench)
+    if "process" in wanted:
+        bench_load_process(bench, checkpoint)
+    if "cli" in wanted:
+        bench_cli(bench)
     import shutil
 
     shutil.rmtree(bench.work, ignore_errors=True)

@@ -16,11 +16,15 @@ def test_benchmark_runs_on_tiny_sizes():
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(out.stdout)
     names = [row["name"] for row in data["rows"]]
-    for prefix in ("start-up", "load 0M fp32", "load 0M int8", "reuse", "release", "planner: 70B", "strategies"):
+    for prefix in ("start-up", "load 0M fp32", "load 0M int8", "reuse", "release", "planner: 70B", "strategies",
+                   "xdist -n 2", "load process", "llmload --help"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     for row in data["rows"]:
         assert row["min"] <= row["median"] <= row["max"]
         if "target" in row:
             assert isinstance(row["met"], bool)
     reuse = next(r for r in data["rows"] if r["name"].startswith("reuse: 60 tests/3 cells vs hand"))
-    assert "loads per run: [3]" in reuse["note"]  # the one non-timed claim: 60 tests, 3 loads
+    assert "loads per run: [3]" in reuse["note"]  # the non-timed claims: 60 tests, 3 loads;
+    for workers in ("2", "4"):  # and 4 cells under xdist, each loaded by one worker
+        row = next(r for r in data["rows"] if r["name"] == f"xdist -n {workers}: loads of 4 cells x 10 tests")
+        assert row["median"] == 4 and row["met"], row
