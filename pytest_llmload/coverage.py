@@ -73,6 +73,7 @@ class CoverageEvaluator:
         self._needs: dict[Any, Any] = {}
         self._bounds: dict[Any, Any] = {}
         self._maps: dict[Any, list[str]] = {}
+        self._inventories: dict[Runner, Inventory] = {}
 
     def evaluate(self, item: pytest.Item, runner: Runner) -> tuple[str, str]:
         """``(run|skip|fail, reason)``; ``fail`` is what fails on every runner (bad markers, broken maps)."""
@@ -82,7 +83,9 @@ class CoverageEvaluator:
         from .matrix import item_spec
         from .specs import unique
 
-        inventory = runner.inventory()
+        if runner not in self._inventories:
+            self._inventories[runner] = runner.inventory()
+        inventory = self._inventories[runner]
         reasons: list[str] = []
         try:
             parsed = [(m.name, parse_mark(m, item.nodeid)) for m in item.iter_markers() if m.name in MARKERS]
