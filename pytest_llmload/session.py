@@ -79,7 +79,7 @@ class LLMLoadSession:
         except LLMLoadUsageError as exc:
             raise pytest.UsageError(str(exc)) from None
         # The total is checked where the GPUs are whole: an xdist worker sees only its own slice.
-        if options.min_gpus and not hasattr(config, "workerinput"):
+        if options.min_gpus and not options.coverage and not hasattr(config, "workerinput"):  # coverage: a plan
             from .hardware import visible_gpu_count
 
             found = visible_gpu_count()

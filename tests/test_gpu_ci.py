@@ -116,7 +116,8 @@ def test_coverage_table_lists_unrun_tests_first_and_exits_1(pytester, xdist):
 
 def test_coverage_allow_unrun_strict_fit_check_and_bad_runner(pytester):
     pytester.makepyfile(test_coverage_suite=COVERAGE_SUITE)
-    result = pytester.runpytest("--llm-coverage=cpu,1x300MiB", "--llm-coverage-allow-unrun", "--llm-require-gpus")
+    result = pytester.runpytest("--llm-coverage=cpu,1x300MiB", "--llm-coverage-allow-unrun",
+                                "--llm-require-gpus=2")  # strict; the GPU count is not checked on this machine
     assert result.ret == 0
     table = coverage_table(result.stdout.lines)
     assert table["test_one_gpu"] == ["FAIL (strict)", "run"]
