@@ -133,6 +133,15 @@ def free_memory(inventory, *, current: bool = False) -> dict[int | str, int]:
         for index in used_gpus():
             if index in free:
                 free[index] = int(torch.cuda.mem_get_info(index)[0])
+    from .hardware import emulated_memory
+
+    emulated = emulated_memory()
+    if current and emulated is not None and inventory.source != "virtual":  # --llm-emulate-gpu: the small card
+        import torch
+
+        for index in used_gpus():
+            if index in free:
+                free[index] = max(min(free[index], emulated - int(torch.cuda.memory_reserved(index))), 0)
     free["cpu"] = int(psutil.virtual_memory().available)
     return free
 

@@ -38,12 +38,12 @@ class Gate:
         if not self._bitsandbytes_probed:
             import dataclasses
 
-            from .hardware import probe_bitsandbytes
+            from .hardware import bitsandbytes_status
 
             gpus = self.gpus
-            version, backend, error = probe_bitsandbytes("cuda:0" if gpus.gpus else "cpu")
-            self._inventory = dataclasses.replace(gpus, bitsandbytes_version=version,
-                                                  bitsandbytes_backend=backend, bitsandbytes_error=error)
+            status = bitsandbytes_status("cuda:0" if gpus.gpus else "cpu")  # cached per process
+            self._inventory = dataclasses.replace(gpus, bitsandbytes_version=status.version,
+                                                  bitsandbytes_backend=status.backend, bitsandbytes_error=status.error)
             self._bitsandbytes_probed = True
         return self._inventory
 

@@ -66,6 +66,26 @@ def _size(value: Any, parse_size: Callable[[Any], int]) -> int:
         raise LLMLoadUsageError(f"invalid size {value!r}: expected a size such as '2 GiB'") from None
 
 
+def limit_gpu_memory(limit: Any, *, device: Any = None, kind: str = "allocated") -> tuple[int, int | None, str]:
+    """fail if the test's peak allocated (or kind='reserved') memory on any GPU (or `device`) exceeded `limit`"""
+    from .sizes import parse_size
+
+    size = _size(limit, parse_size)
+    if size < 1:
+        raise LLMLoadUsageError(f"limit {limit!r}: expected a size > 0 such as '6 GiB'")
+    if kind not in ("allocated", "reserved"):
+        raise LLMLoadUsageError(f"kind={kind!r}: expected 'allocated' or 'reserved'")
+    index = None
+    if device is not None:
+        text = str(device).strip() if not isinstance(device, bool) else ""
+        if text.startswith("cuda:"):
+            text = text[5:]
+        if not text.isdigit():
+            raise LLMLoadUsageError(f"device={device!r}: expected a GPU index such as 0 or 'cuda:0'")
+        index = int(text)
+    return size, index, kind
+
+
 def virtual_gpus(spec: Any, *, name: Any = None) -> Any:
     """run this test on a virtual GPU fleet (e.g. '2x24GiB', '24GiB,16GiB@9.0'): CPU-backed cards with real values"""
     from .virtual.fleet import parse_virtual_spec
@@ -81,6 +101,7 @@ MARKERS: dict[str, Callable[..., Any]] = {
     "requires_bitsandbytes": requires_bitsandbytes,
     "max_footprint": max_footprint,
     "virtual_gpus": virtual_gpus,
+    "limit_gpu_memory": limit_gpu_memory,
 }
 
 

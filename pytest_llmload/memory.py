@@ -57,14 +57,26 @@ class _RssSampler(threading.Thread):
         return max(self.peak, _rss())
 
 
+class _NoSampler:
+    def __init__(self, rss: int) -> None:
+        self.peak = rss
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> int:
+        return self.peak
+
+
 class MemoryTracker:
     """Peaks since :meth:`start`, readable at any time (:meth:`snapshot`) and final at :meth:`stop`.
 
     GPU peaks are reset on start, so trackers that follow each other do not see each other's peaks.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, cpu: bool = True) -> None:
         self.usage = MemoryUsage()
+        self.cpu = cpu  # False: GPU peaks only (no RSS sampling thread)
         self._sampler: _RssSampler | None = None
         self._start_rss = 0
         self._start = 0.0
@@ -82,7 +94,7 @@ class MemoryTracker:
             for index in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(index)
         self._start_rss = _rss()
-        self._sampler = _RssSampler()
+        self._sampler = _RssSampler() if self.cpu else _NoSampler(self._start_rss)
         self._sampler.start()
         self._start = time.perf_counter()
         return self

@@ -70,6 +70,16 @@ OPTIONS: list[tuple[str, str, str, dict, str, Any]] = [
      "(disjoint slices of the visible ones)", dict(metavar="K"), "string", None),
     ("--llm-virtual-gpus", "llm_virtual_gpus", "run the session on a virtual GPU fleet: CPU-backed cards "
      "with real values, e.g. 2x24GiB or 24GiB,16GiB@9.0", dict(metavar="SPEC"), "string", None),
+    ("--llm-coverage", "llm_coverage", "run nothing: evaluate every test and cell against each GPU CI runner "
+     "profile (cpu or NxSIZE[@CAPABILITY], comma-separated, e.g. cpu,1x24GiB,2x80GiB@9.0), print which tests "
+     "each runs, skips or fails, and exit 1 if a test runs nowhere", dict(metavar="RUNNERS"), "string", None),
+    ("--llm-coverage-allow-unrun", "llm_coverage_allow_unrun", "with --llm-coverage: report tests that no "
+     "runner runs without failing the session", dict(action="store_const", const=True), "bool", False),
+    ("--llm-max-gpu-peak", "llm_max_gpu_peak", "fail any test whose peak allocated GPU memory on a GPU "
+     "exceeded SIZE (as limit_gpu_memory does for one test)", dict(metavar="SIZE"), "string", None),
+    ("--llm-emulate-gpu", "llm_emulate_gpu", "make every visible GPU look and act SIZE big (capped with "
+     "torch.cuda.set_per_process_memory_fraction; a virtual fleet's cards shrink), e.g. 24GiB",
+     dict(metavar="SIZE"), "string", None),
 ]
 
 
@@ -102,6 +112,10 @@ class Options:
     baseline: str | None = None
     baseline_tolerance: float = 0.05
     dist_timeout: float = 300.0
+    coverage: list | None = None  # runner profiles (coverage.Runner) of --llm-coverage
+    coverage_allow_unrun: bool = False
+    max_gpu_peak: int | None = None
+    emulate_gpu: int | None = None
 
 
 class _Reader:
@@ -216,7 +230,17 @@ def parse_options(config: pytest.Config) -> Options:
     for option, path in (("--llm-report", report), ("--llm-footprint-baseline", baseline)):
         if path:
             check_writable(path, option)
+    coverage_text = read.scalar("llm_coverage")[0]
+    coverage = None
+    if coverage_text:
+        from .coverage import parse_runners
+
+        coverage = parse_runners(str(coverage_text))
     return Options(
+        coverage=coverage,
+        coverage_allow_unrun=bool(read.scalar("llm_coverage_allow_unrun")[0]),
+        max_gpu_peak=_option_size(read.scalar("llm_max_gpu_peak")[0], "--llm-max-gpu-peak"),
+        emulate_gpu=_option_size(read.scalar("llm_emulate_gpu")[0], "--llm-emulate-gpu"),
         models=unique(models),
         device_maps=unique(device_maps),
         precisions=unique(precisions),
@@ -233,6 +257,18 @@ def parse_options(config: pytest.Config) -> Options:
         baseline_tolerance=tolerance,
         dist_timeout=dist_timeout,
     )
+
+
+def _option_size(value: Any, option: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        size = parse_size(value)
+    except (LLMLoadUsageError, ValueError, TypeError, OverflowError):
+        size = 0
+    if size < 1:
+        raise LLMLoadUsageError(f"invalid {option} value {value!r}: expected a size > 0 such as '24GiB' or '512MiB'")
+    return size
 
 
 def check_writable(path: str, option: str) -> None:

@@ -69,6 +69,7 @@ class LoadReport:
         self.cells: dict[str, dict[str, Any]] = {}
         self.tests: list[dict[str, Any]] = []
         self.notes: list[str] = []
+        self.coverage: dict[str, Any] | None = None  # --llm-coverage: the test x runner verdicts
 
     def add(self, payload: dict[str, Any], worker: str = "main") -> None:
         for load in payload.get("loads", []):
@@ -103,7 +104,8 @@ class LoadReport:
         cells = [{k: v for k, v in self.cells[key].items() if k not in ("key", "baseline_key")}
                  for key in sorted(self.cells)]
         return {**SCHEMA, "cells": sorted(cells, key=lambda c: c["id"]),
-                "tests": sorted(self.tests, key=lambda t: t["nodeid"]), "notes": list(self.notes)}
+                "tests": sorted(self.tests, key=lambda t: t["nodeid"]), "notes": list(self.notes),
+                **({"coverage": self.coverage} if self.coverage is not None else {})}
 
     def write(self, path: str) -> None:
         from .options import write_atomically

@@ -38,14 +38,31 @@ class LLMLoadSession:
         self.matrix = Matrix(options)
         self.affinity = Affinity(config, item_spec)
         self.reporter.notes_from.append(lambda: self.affinity.split_note)
+        from .limits import GpuEmulation, GpuPeakLimit
+
+        self.limit = GpuPeakLimit(options.max_gpu_peak)
+        self.emulation = GpuEmulation(options.emulate_gpu) if options.emulate_gpu else None
+        if self.emulation is not None:
+            self.emulation.start()
+        self.coverage = None
+        if options.coverage:
+            from .coverage import Coverage
+
+            self.coverage = Coverage(config, options, self.reporter)
         self._cache = None
         self._regressions: list[str] = []  # footprint regressions of the cells the running test used
 
     @property
     def plugins(self) -> dict[str, object]:
         """The plugin objects to register, by name."""
-        return {"llmload-session": self, "llmload-matrix": self.matrix, "llmload-gate": self.gate,
-                "llmload-reporter": self.reporter, "llmload-affinity": self.affinity}
+        plugins = {"llmload-session": self, "llmload-matrix": self.matrix, "llmload-gate": self.gate,
+                   "llmload-reporter": self.reporter, "llmload-affinity": self.affinity,
+                   "llmload-gpu-limit": self.limit}
+        if self.emulation is not None:
+            plugins["llmload-emulate-gpu"] = self.emulation
+        if self.coverage is not None:
+            plugins["llmload-coverage"] = self.coverage
+        return plugins
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "LLMLoadSession":
@@ -57,10 +74,12 @@ class LLMLoadSession:
                 from .baseline import Baseline
 
                 baseline = Baseline.load(options.baseline, options.baseline_tolerance)
+            if options.coverage and config.getoption("llm_virtual_gpus", None):
+                raise LLMLoadUsageError("--llm-coverage evaluates runner profiles; leave out --llm-virtual-gpus")
         except LLMLoadUsageError as exc:
             raise pytest.UsageError(str(exc)) from None
         # The total is checked where the GPUs are whole: an xdist worker sees only its own slice.
-        if options.min_gpus and not hasattr(config, "workerinput"):
+        if options.min_gpus and not options.coverage and not hasattr(config, "workerinput"):  # coverage: a plan
             from .hardware import visible_gpu_count
 
             found = visible_gpu_count()
@@ -104,6 +123,8 @@ class LLMLoadSession:
             self._regressions.append(message)
 
     def close(self) -> None:
+        if self.emulation is not None:
+            self.emulation.stop()
         if self._cache is not None:
             self._cache.close()
         self.affinity.close()

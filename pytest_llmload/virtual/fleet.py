@@ -104,6 +104,16 @@ def cuda_format_size(num_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+_capacity_limit: list[int] = []
+
+
+def set_capacity_limit(size: int | None) -> None:
+    """``--llm-emulate-gpu``: every virtual card (running or started later) holds at most ``size`` bytes."""
+    _capacity_limit.clear()
+    if size is not None:
+        _capacity_limit.append(int(size))
+
+
 @dataclass
 class Card:
     """A visible virtual card and its allocation counters (bytes)."""
@@ -117,6 +127,8 @@ class Card:
 
     @property
     def total_memory(self) -> int:
+        if _capacity_limit:
+            return min(self.spec.total_memory, _capacity_limit[0])
         return self.spec.total_memory
 
 
