@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
 from .errors import LLMLoadError
-from .session import SESSION_KEY, LLMLoadSession
-from .specs import LLMSpec, make_spec
+
+if TYPE_CHECKING:
+    from .session import LLMLoadSession
+    from .specs import LLMSpec
+
+# Nothing heavier than pytest is imported here: this module is imported with the plugin at every pytest
+# start, also where no test asks for an llm fixture.
+SESSION_KEY = pytest.StashKey["LLMLoadSession"]()  # the session, set in pytest_configure
 
 
 def _session(request: pytest.FixtureRequest) -> LLMLoadSession:
@@ -33,7 +39,7 @@ def llm_spec(request: pytest.FixtureRequest) -> LLMSpec:
 
 
 @pytest.fixture
-def llm_model(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Any:
+def llm_model(request: pytest.FixtureRequest, llm_spec) -> Any:
     """The model of the current cell, shared through the session cache (do not mutate it)."""
     session = _session(request)
     session.check_cell(llm_spec, request.node.nodeid)
@@ -44,7 +50,7 @@ def llm_model(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Any:
 
 
 @pytest.fixture
-def llm_private_model(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Iterator[Any]:
+def llm_private_model(request: pytest.FixtureRequest, llm_spec) -> Iterator[Any]:
     """A copy of the current cell's model loaded for this test alone, for tests that train or mutate it."""
     session = _session(request)
     session.check_cell(llm_spec, request.node.nodeid)
@@ -60,7 +66,7 @@ def llm_private_model(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Iter
 
 
 @pytest.fixture
-def llm_tokenizer(request: pytest.FixtureRequest, llm_spec: LLMSpec) -> Any:
+def llm_tokenizer(request: pytest.FixtureRequest, llm_spec) -> Any:
     """The tokenizer stored with the current cell's model (cached per model)."""
     with _clean_errors():
         return _session(request).cache.tokenizer(llm_spec)
@@ -75,10 +81,12 @@ class ModelLoader:
     ``trust_remote_code=``/``allow_pickle=`` override the session's options for this call.
     """
 
-    def __init__(self, session: LLMLoadSession):
+    def __init__(self, session):
         self._session = session
 
-    def spec(self, model=None, *, device_map=None, precision=None, max_memory=None) -> LLMSpec:
+    def spec(self, model=None, *, device_map=None, precision=None, max_memory=None):
+        from .specs import make_spec
+
         default = self._session.default_spec()
         return make_spec(
             model if model is not None else default.model_spec,
@@ -136,3 +144,19 @@ def llm_memory():
     recorder.start()
     yield recorder
     recorder.stop()
+
+
+@pytest.fixture
+def llm_dist(request: pytest.FixtureRequest):
+    """This process's rank, world size, local rank and process group (rank 0 of 1 and no group when the
+    run was not launched by torchrun/accelerate launch)."""
+    from .dist.world import DistInfo, launched_world
+
+    world = launched_world()
+    group = None
+    if world.launched:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            group = dist.group.WORLD
+    return DistInfo(world.rank, world.world_size, world.local_rank, group)

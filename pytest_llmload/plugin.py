@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 
 from .fixtures import (  # noqa: F401
+    SESSION_KEY,
     gpu_inventory,
+    llm_dist,
     llm_load,
     llm_memory,
     llm_model,
@@ -16,8 +18,6 @@ from .fixtures import (  # noqa: F401
     llm_spec,
     llm_tokenizer,
 )
-from .dist import DistPlugin, llm_dist  # noqa: F401
-from .session import SESSION_KEY, LLMLoadSession
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,7 +51,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from .dist.plugin import DistPlugin  # registers requires_world_size with the markers
     from .marks import help_lines
+    from .session import LLMLoadSession
 
     from .virtual import pytest_support as virtual_support
 

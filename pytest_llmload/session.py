@@ -17,7 +17,7 @@ from .marks import parse_mark
 from .options import Options, parse_options, reclaim_positional
 from .specs import LLMSpec
 
-SESSION_KEY = pytest.StashKey["LLMLoadSession"]()
+from .fixtures import SESSION_KEY  # noqa: F401 - where the session is kept (config.stash)
 
 
 class LLMLoadSession:
