@@ -23,6 +23,10 @@ settings.register_profile("llmload", max_examples=30, derandomize=True, deadline
 settings.load_profile("llmload")
 
 
+_OUTER_ENVIRONMENT = {k for k in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+                      if k in __import__("os").environ}
+
+
 @pytest.fixture(autouse=True)
 def _not_an_xdist_worker_for_nested_runs(monkeypatch):
     """When this suite runs under pytest-xdist, a pytest started by a test (pytester) must not inherit the
@@ -30,6 +34,14 @@ def _not_an_xdist_worker_for_nested_runs(monkeypatch):
     for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID",
                  "LLMLOAD_WORKER_GPUS_NOTE"):
         monkeypatch.delenv(name, raising=False)
+    # Code under test sets the GPU visibility variables itself (a worker's slice): whatever a test leaves
+    # there is undone, also where the variable was unset (monkeypatch.delenv records nothing then).
+    import os
+
+    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if os.environ[name] == "" and name not in _OUTER_ENVIRONMENT:
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture
