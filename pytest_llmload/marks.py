@@ -86,6 +86,13 @@ def limit_gpu_memory(limit: Any, *, device: Any = None, kind: str = "allocated")
     return size, index, kind
 
 
+def requires_world_size(n: int) -> int:
+    """skip unless launched (torchrun/accelerate launch) with at least n processes"""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise LLMLoadUsageError(f"n must be a whole number >= 1, got {n!r}")
+    return n
+
+
 def virtual_gpus(spec: Any, *, name: Any = None) -> Any:
     """run this test on a virtual GPU fleet (e.g. '2x24GiB', '24GiB,16GiB@9.0'): CPU-backed cards with real values"""
     from .virtual.fleet import parse_virtual_spec
@@ -102,12 +109,8 @@ MARKERS: dict[str, Callable[..., Any]] = {
     "max_footprint": max_footprint,
     "virtual_gpus": virtual_gpus,
     "limit_gpu_memory": limit_gpu_memory,
+    "requires_world_size": requires_world_size,
 }
-
-
-def register(name: str, function: Callable[..., Any]) -> None:
-    """Add a marker (another module of the plugin owns its function)."""
-    MARKERS[name] = function
 
 
 def signature_text(function: Callable[..., Any]) -> str:

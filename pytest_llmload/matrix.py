@@ -27,8 +27,9 @@ def matrix_ids(cells: list[LLMSpec]) -> list[str]:
 class Matrix:
     """The plugin object that parametrizes llm tests over their cells and groups them by cell."""
 
-    def __init__(self, options) -> None:
+    def __init__(self, options, on_need=None) -> None:
         self.options = options
+        self.on_need = on_need or (lambda what: None)  # told of markers/cells that need a lazy plugin
 
     def default_spec(self) -> LLMSpec:
         o = self.options
@@ -53,6 +54,7 @@ class Matrix:
             for mark in metafunc.definition.iter_markers():
                 if mark.name in MARKERS:
                     parsed = parse_mark(mark, metafunc.definition.nodeid)
+                    self.on_need(mark.name)
                     if mark.name == "llm" and axes is None:
                         axes = parsed  # the closest llm marker wins
         except LLMLoadUsageError as exc:
@@ -60,6 +62,8 @@ class Matrix:
         if "llm_spec" not in metafunc.fixturenames:
             return
         cells = self.cells(axes)
+        if any(c.device_map_spec.kind == "tp" for c in cells):
+            self.on_need("tp")
         metafunc.parametrize("llm_spec", cells, ids=matrix_ids(cells), indirect=True)
 
     @pytest.hookimpl(trylast=True)

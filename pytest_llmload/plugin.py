@@ -51,21 +51,26 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from .dist.plugin import DistPlugin  # registers requires_world_size with the markers
+    import os
+
     from .marks import help_lines
     from .session import LLMLoadSession
 
-    from .virtual import pytest_support as virtual_support
-
     for line in help_lines():
         config.addinivalue_line("markers", line)
-    virtual_support.start_session_fleet(config)  # first: the session's inventory is the fleet's
-    config.pluginmanager.register(virtual_support.VirtualGpusMarker(), "llmload-virtual-gpus")
+    fleet = config.getoption("llm_virtual_gpus", None) or config.getini("llm_virtual_gpus")
+    if fleet:
+        from .virtual import pytest_support as virtual_support
+
+        virtual_support.start_session_fleet(config)  # first: the session's inventory is the fleet's
     manager = LLMLoadSession.from_config(config)
     config.stash[SESSION_KEY] = manager
     for name, plugin in manager.plugins.items():
         config.pluginmanager.register(plugin, name)
-    config.pluginmanager.register(DistPlugin(config, manager), "llmload-dist")
+    if fleet:
+        manager.need("session-fleet")
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # under torchrun / accelerate launch
+        manager.need("launched")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -74,11 +79,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         manager.close()
         for plugin in manager.plugins.values():
             config.pluginmanager.unregister(plugin)
-        dist_plugin = config.pluginmanager.get_plugin("llmload-dist")
-        if dist_plugin is not None:
-            dist_plugin.close()
-            config.pluginmanager.unregister(dist_plugin)
         del config.stash[SESSION_KEY]
-    from .virtual import pytest_support as virtual_support
+    if config.getoption("llm_virtual_gpus", None) or config.getini("llm_virtual_gpus"):
+        from .virtual import pytest_support as virtual_support
 
-    virtual_support.stop_session_fleet(config)
+        virtual_support.stop_session_fleet(config)

@@ -35,7 +35,8 @@ class LLMLoadSession:
         self.reporter = Reporter(config, options, baseline)
         self.fit = FitChecker(options.fit_margin, options.cuda_context)
         self.gate = Gate(options, self.reporter, self.fit)
-        self.matrix = Matrix(options)
+        self._lazy: dict[str, object] = {}
+        self.matrix = Matrix(options, self.need)
         self.affinity = Affinity(config, item_spec)
         self.reporter.notes_from.append(lambda: self.affinity.split_note)
         from .limits import GpuEmulation, GpuPeakLimit
@@ -62,7 +63,25 @@ class LLMLoadSession:
             plugins["llmload-emulate-gpu"] = self.emulation
         if self.coverage is not None:
             plugins["llmload-coverage"] = self.coverage
-        return plugins
+        return {**plugins, **self._lazy}
+
+    def need(self, what: str) -> None:
+        """Register, on first need, the plugin objects most runs never use (their imports cost start-up):
+        the distributed plugin (launched runs, ``tp`` cells, ``requires_world_size``) and the per-test
+        virtual GPU fleet (``virtual_gpus``)."""
+        if what in ("tp", "requires_world_size", "launched") and "llmload-dist" not in self._lazy:
+            from .dist.plugin import DistPlugin
+
+            self._register("llmload-dist", DistPlugin(self.config, self))
+        elif what in ("virtual_gpus", "session-fleet") and "llmload-virtual-gpus" not in self._lazy:
+            from .virtual.pytest_support import VirtualGpusMarker
+
+            self._register("llmload-virtual-gpus", VirtualGpusMarker())
+
+    def _register(self, name: str, plugin: object) -> None:
+        self._lazy[name] = plugin
+        if self.config.pluginmanager.get_plugin("llmload-session") is self:  # else registered with the rest
+            self.config.pluginmanager.register(plugin, name)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "LLMLoadSession":
@@ -128,6 +147,9 @@ class LLMLoadSession:
         if self._cache is not None:
             self._cache.close()
         self.affinity.close()
+        dist = self._lazy.get("llmload-dist")
+        if dist is not None:
+            dist.close()
         from .ownership import sweep_dead_sessions
 
         sweep_dead_sessions()  # offload folders of crashed workers (their finalizers never ran)
