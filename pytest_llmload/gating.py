@@ -18,14 +18,23 @@ from .specs import QUANTIZED_PRECISIONS, LLMSpec, unique
 class Gate:
     """The plugin object behind ``requires_gpus``/``requires_bitsandbytes`` and every cell's hardware check."""
 
-    def __init__(self, options, reporter, fit) -> None:
+    def __init__(self, options, reporter) -> None:
         self.options = options
         self.reporter = reporter
-        self.fit = fit
+        self._fit = None
         self._inventory = None
         self._bitsandbytes_probed = False
         self._map_problems: dict[tuple, list[str]] = {}
         self.worker_note = os.environ.get("LLMLOAD_WORKER_GPUS_NOTE")
+
+    @property
+    def fit(self):
+        """The session's fit check (made on first use: most runs never load a cell)."""
+        if self._fit is None:
+            from .fit import FitChecker
+
+            self._fit = FitChecker(self.options.fit_margin, self.options.cuda_context)
+        return self._fit
 
     # -- what this process has ---------------------------------------------------------------------
     @property

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 
 from .errors import LLMLoadUsageError
@@ -19,6 +17,8 @@ def item_spec(item: pytest.Item) -> LLMSpec | None:
 
 def matrix_ids(cells: list[LLMSpec]) -> list[str]:
     """Readable test ids, unique: cells whose labels collide get a short hash of what tells them apart."""
+    import hashlib
+
     labels = [c.id for c in cells]
     return [f"{c.id}-{hashlib.sha1(c.key.encode()).hexdigest()[:6]}" if labels.count(c.id) > 1 else c.id
             for c in cells]

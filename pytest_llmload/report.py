@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from .sizes import format_size
-from .tables import format_table
 
 PROPERTY = "llmload"
 MISSING_PROPERTY = "llmload-missing-hardware"
@@ -123,6 +122,8 @@ class LoadReport:
             rows.append((cell["id"], loads, f"{cell['load_seconds']:.2f}",
                          format_size(cell.get("footprint_bytes", 0)), devices, str(cell.get("device_hops", "-")),
                          str(cell["tests"])))
+        from .tables import format_table
+
         return format_table(header, rows)
 
 

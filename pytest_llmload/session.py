@@ -25,7 +25,6 @@ class LLMLoadSession:
 
     def __init__(self, config: pytest.Config, options: Options, baseline=None):
         from .affinity import Affinity
-        from .fit import FitChecker
         from .gating import Gate
         from .matrix import Matrix, item_spec
         from .report import Reporter
@@ -33,8 +32,7 @@ class LLMLoadSession:
         self.config = config
         self.options = options
         self.reporter = Reporter(config, options, baseline)
-        self.fit = FitChecker(options.fit_margin, options.cuda_context)
-        self.gate = Gate(options, self.reporter, self.fit)
+        self.gate = Gate(options, self.reporter)
         self._lazy: dict[str, object] = {}
         self.matrix = Matrix(options, self.need)
         self.affinity = Affinity(config, item_spec)
@@ -150,9 +148,10 @@ class LLMLoadSession:
         dist = self._lazy.get("llmload-dist")
         if dist is not None:
             dist.close()
-        from .ownership import sweep_dead_sessions
+        if self._cache is not None or self.reporter.report.cells:  # something loaded, in this process or a worker
+            from .ownership import sweep_dead_sessions
 
-        sweep_dead_sessions()  # offload folders of crashed workers (their finalizers never ran)
+            sweep_dead_sessions()  # offload folders of crashed workers (their finalizers never ran)
 
     # -- after the test body -----------------------------------------------------------------
     @pytest.hookimpl(tryfirst=True)

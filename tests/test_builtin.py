@@ -76,3 +76,10 @@ def test_concurrent_builds_end_with_one_sound_copy(fresh_cache):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(paths[0])
+
+
+def test_start_up_knows_every_built_in_by_name():
+    from pytest_llmload.builtin import BUILTIN_MODELS
+    from pytest_llmload.specs import BUILTIN_NAMES
+
+    assert tuple(BUILTIN_MODELS) == BUILTIN_NAMES
