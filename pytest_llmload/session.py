@@ -24,7 +24,6 @@ class LLMLoadSession:
     """Holds one run's options, model cache and fit check, and the plugin objects that do the rest."""
 
     def __init__(self, config: pytest.Config, options: Options, baseline=None):
-        from .affinity import Affinity
         from .gating import Gate
         from .matrix import Matrix, item_spec
         from .report import Reporter
@@ -35,12 +34,18 @@ class LLMLoadSession:
         self.gate = Gate(options, self.reporter)
         self._lazy: dict[str, object] = {}
         self.matrix = Matrix(options, self.need)
-        self.affinity = Affinity(config, item_spec)
-        self.reporter.notes_from.append(lambda: self.affinity.split_note)
-        from .limits import GpuEmulation, GpuPeakLimit
+        self.affinity = None
+        if config.pluginmanager.hasplugin("xdist") and (
+                hasattr(config, "workerinput") or getattr(config.option, "numprocesses", None)):
+            from .affinity import Affinity  # under pytest-xdist only
 
-        self.limit = GpuPeakLimit(options.max_gpu_peak)
-        self.emulation = GpuEmulation(options.emulate_gpu) if options.emulate_gpu else None
+            self.affinity = Affinity(config, item_spec)
+            self.reporter.notes_from.append(lambda: self.affinity.split_note)
+        self.emulation = None
+        if options.emulate_gpu:
+            from .limits import GpuEmulation
+
+            self.emulation = GpuEmulation(options.emulate_gpu)
         if self.emulation is not None:
             self.emulation.start()
         self.coverage = None
@@ -48,6 +53,8 @@ class LLMLoadSession:
             from .coverage import Coverage
 
             self.coverage = Coverage(config, options, self.reporter)
+        if options.max_gpu_peak is not None:
+            self.need("max-gpu-peak")
         self._cache = None
         self._regressions: list[str] = []  # footprint regressions of the cells the running test used
 
@@ -55,8 +62,9 @@ class LLMLoadSession:
     def plugins(self) -> dict[str, object]:
         """The plugin objects to register, by name."""
         plugins = {"llmload-session": self, "llmload-matrix": self.matrix, "llmload-gate": self.gate,
-                   "llmload-reporter": self.reporter, "llmload-affinity": self.affinity,
-                   "llmload-gpu-limit": self.limit}
+                   "llmload-reporter": self.reporter}
+        if self.affinity is not None:
+            plugins["llmload-affinity"] = self.affinity
         if self.emulation is not None:
             plugins["llmload-emulate-gpu"] = self.emulation
         if self.coverage is not None:
@@ -71,6 +79,10 @@ class LLMLoadSession:
             from .dist.plugin import DistPlugin
 
             self._register("llmload-dist", DistPlugin(self.config, self))
+        elif what in ("limit_gpu_memory", "max-gpu-peak") and "llmload-gpu-limit" not in self._lazy:
+            from .limits import GpuPeakLimit
+
+            self._register("llmload-gpu-limit", GpuPeakLimit(self.options.max_gpu_peak))
         elif what in ("virtual_gpus", "session-fleet") and "llmload-virtual-gpus" not in self._lazy:
             from .virtual.pytest_support import VirtualGpusMarker
 
@@ -144,7 +156,8 @@ class LLMLoadSession:
             self.emulation.stop()
         if self._cache is not None:
             self._cache.close()
-        self.affinity.close()
+        if self.affinity is not None:
+            self.affinity.close()
         dist = self._lazy.get("llmload-dist")
         if dist is not None:
             dist.close()
