@@ -63,12 +63,13 @@ def pytest_configure(config: pytest.Config) -> None:
         from .virtual import pytest_support as virtual_support
 
         virtual_support.start_session_fleet(config)  # first: the session's inventory is the fleet's
+    from .fleet_marker import FleetMarker
+
+    config.pluginmanager.register(FleetMarker(), "llmload-virtual-gpus")
     manager = LLMLoadSession.from_config(config)
     config.stash[SESSION_KEY] = manager
     for name, plugin in manager.plugins.items():
         config.pluginmanager.register(plugin, name)
-    if fleet:
-        manager.need("session-fleet")
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # under torchrun / accelerate launch
         manager.need("launched")
 
@@ -80,6 +81,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         for plugin in manager.plugins.values():
             config.pluginmanager.unregister(plugin)
         del config.stash[SESSION_KEY]
+    marker = config.pluginmanager.get_plugin("llmload-virtual-gpus")
+    if marker is not None:
+        config.pluginmanager.unregister(marker)
     if config.getoption("llm_virtual_gpus", None) or config.getini("llm_virtual_gpus"):
         from .virtual import pytest_support as virtual_support
 

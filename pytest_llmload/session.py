@@ -73,8 +73,8 @@ class LLMLoadSession:
 
     def need(self, what: str) -> None:
         """Register, on first need, the plugin objects most runs never use (their imports cost start-up):
-        the distributed plugin (launched runs, ``tp`` cells, ``requires_world_size``) and the per-test
-        virtual GPU fleet (``virtual_gpus``)."""
+        the distributed plugin (launched runs, ``tp`` cells, ``requires_world_size``) and the GPU peak
+        limit (``limit_gpu_memory``, ``--llm-max-gpu-peak``)."""
         if what in ("tp", "requires_world_size", "launched") and "llmload-dist" not in self._lazy:
             from .dist.plugin import DistPlugin
 
@@ -83,10 +83,6 @@ class LLMLoadSession:
             from .limits import GpuPeakLimit
 
             self._register("llmload-gpu-limit", GpuPeakLimit(self.options.max_gpu_peak))
-        elif what in ("virtual_gpus", "session-fleet") and "llmload-virtual-gpus" not in self._lazy:
-            from .virtual.pytest_support import VirtualGpusMarker
-
-            self._register("llmload-virtual-gpus", VirtualGpusMarker())
 
     def _register(self, name: str, plugin: object) -> None:
         self._lazy[name] = plugin

@@ -73,8 +73,18 @@ def pytest_sessionstart(session):
     transformers imports model and quantizer modules on first use; a pytester in-process run would
     drop them from sys.modules afterwards and the next run would see a second copy of their classes.
     """
+    import importlib
+
     import peft  # noqa: F401
     from transformers.utils import logging as hf_logging
+
+    # The plugin imports these on first need; imported first inside an in-process pytester run, they
+    # would be dropped afterwards, and the next run would hold a second copy (a running fleet's state,
+    # stash keys) beside the first.
+    for module in ("affinity", "coverage", "limits", "fleet_marker", "virtual", "virtual.pytest_support",
+                   "dist", "dist.plugin", "fit", "baseline", "validation", "planning", "plan_notes", "tables",
+                   "ownership", "cache", "loading", "precision", "quiet", "hardware"):
+        importlib.import_module(f"pytest_llmload.{module}")
 
     from pytest_llmload import load_model, load_tokenizer
     from pytest_llmload.builtin import BUILTIN_MODELS
