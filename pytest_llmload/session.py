@@ -157,10 +157,9 @@ class LLMLoadSession:
         dist = self._lazy.get("llmload-dist")
         if dist is not None:
             dist.close()
-        if self._cache is not None or self.reporter.report.cells:  # something loaded, in this process or a worker
-            from .ownership import sweep_dead_sessions
+        from .ownership import sweep_dead_sessions
 
-            sweep_dead_sessions()  # offload folders of crashed workers (their finalizers never ran)
+        sweep_dead_sessions()  # offload folders of crashed workers (their finalizers never ran)
 
     # -- after the test body -----------------------------------------------------------------
     @pytest.hookimpl(tryfirst=True)
