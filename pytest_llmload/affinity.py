@@ -60,10 +60,10 @@ def cell_groups(items: list[pytest.Item], spec_of, workers: int) -> tuple[dict[s
 class Affinity:
     """The plugin object: on the controller chooses the scheduler, on the workers tells it the cells."""
 
-    def __init__(self, config: pytest.Config, spec_of) -> None:
+    def __init__(self, config: pytest.Config, spec_of, add_note) -> None:
         self.config = config
         self.spec_of = spec_of
-        self.split_note: str | None = None
+        self.add_note = add_note  # the reporter's: the note reaches the controller's report
         self.folder: str | None = None
         self.note = self._choose()
 
@@ -104,8 +104,8 @@ class Affinity:
         os.replace(path + ".tmp", path)
         split = [n for n in counts.values() if n > 1]
         if split:
-            self.split_note = (f"{len(counts)} cell(s) for {workers} workers: each cell's tests were split over "
-                               f"{max(split)} workers, so those cells load once per worker that runs them")
+            self.add_note(f"{len(counts)} cell(s) for {workers} workers: each cell's tests were split over "
+                          f"{max(split)} workers, so those cells load once per worker that runs them")
 
 
 class _Controller:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import shutil
 import time
 import weakref
 from collections import OrderedDict
@@ -226,11 +225,6 @@ class ModelCache:
 
 def _kwargs_key(kwargs: dict[str, Any]) -> str:
     return repr(sorted(kwargs.items())) if kwargs else ""
-
-
-def _remove_tree(path: str | None) -> None:
-    if path:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_root(path: str | None) -> None:

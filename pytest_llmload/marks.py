@@ -9,7 +9,6 @@ and the test.
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any, Callable
 
 from .errors import LLMLoadUsageError
@@ -40,7 +39,7 @@ def requires_gpus(n: int = 1, *, memory: Any = None) -> tuple[int, int | None]:
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise LLMLoadUsageError(f"n must be a whole number >= 1, got {n!r}")
-    return n, (_size(memory, parse_size) if memory is not None else None)
+    return n, (parse_size(memory) if memory is not None else None)
 
 
 def requires_bitsandbytes() -> None:
@@ -52,25 +51,14 @@ def max_footprint(limit: Any) -> int:
     """fail if the llm_model the test used has a larger get_memory_footprint()"""
     from .sizes import parse_size
 
-    return _size(limit, parse_size)
-
-
-def _size(value: Any, parse_size: Callable[[Any], int]) -> int:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise LLMLoadUsageError(f"invalid size {value!r}: expected a finite size such as '2 GiB'")
-    try:
-        return parse_size(value)
-    except (OverflowError, ValueError, TypeError) as exc:
-        if isinstance(exc, LLMLoadUsageError):
-            raise
-        raise LLMLoadUsageError(f"invalid size {value!r}: expected a size such as '2 GiB'") from None
+    return parse_size(limit)
 
 
 def limit_gpu_memory(limit: Any, *, device: Any = None, kind: str = "allocated") -> tuple[int, int | None, str]:
     """fail if the test's peak allocated (or kind='reserved') memory on any GPU (or `device`) exceeded `limit`"""
     from .sizes import parse_size
 
-    size = _size(limit, parse_size)
+    size = parse_size(limit)
     if size < 1:
         raise LLMLoadUsageError(f"limit {limit!r}: expected a size > 0 such as '6 GiB'")
     if kind not in ("allocated", "reserved"):

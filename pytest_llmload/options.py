@@ -30,7 +30,7 @@ from .specs import (
 )
 
 DEFAULT_MODEL = "builtin:tiny-llama"
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_ON, _OFF = ("true", "yes", "on"), ("false", "no", "off")  # besides a GPU count (0 = off)
 
 # (option, ini key, help, extra add_option kwargs, ini type, ini default): the one list of options.
 OPTIONS: list[tuple[str, str, str, dict, str, Any]] = [
@@ -166,9 +166,9 @@ def parse_require_gpus(value: Any) -> tuple[bool, int | None]:
     if value is True:
         return True, None
     text = str(value).strip().lower()
-    if text in _TRUE[:3]:
+    if text in _ON:
         return True, None
-    if text in _FALSE[:3]:
+    if text in _OFF:
         return False, None
     count = parse_count(text, "--llm-require-gpus", minimum=0,
                         accepted="no value, true/false or a GPU count such as 2 (0 = off)")
@@ -188,7 +188,7 @@ def _fraction(text: str, option: str, *, upper: float | None, accepted: str) -> 
 def reclaim_positional(config: pytest.Config) -> None:
     """``pytest --llm-require-gpus tests/`` makes argparse take ``tests/`` as the optional count: give it back."""
     value = config.getoption("llm_require_gpus", None)
-    if not isinstance(value, str) or not value.strip() or value.strip().lower() in _TRUE + _FALSE:
+    if not isinstance(value, str) or not value.strip() or value.strip().lower() in _ON + _OFF:
         return
     if is_whole_number(value.strip()):
         return

@@ -143,9 +143,7 @@ class Reporter:
         self.missing_hardware: dict[str, tuple[str, str]] = {}  # nodeid -> (word, reason), merged
         self.regressions: dict[str, str] = {}
         self.written: list[str] = []
-        self.notes_from: list = []  # callables giving a note for the report (e.g. how xdist split cells)
-        self.notes: list[str] = []
-        self._sent_notes: set[str] = set()
+        self.pending_notes: list[str] = []  # notes for the report (how xdist split cells), sent with the next report
         self.worker_name = os.environ.get("PYTEST_XDIST_WORKER", "main")  # "rankR" under a launcher
 
     # -- what the running process records ---------------------------------------------------------
@@ -157,6 +155,10 @@ class Reporter:
             message = self.baseline.regression(load["baseline_key"], load["id"], load["footprint_bytes"])
             if message:
                 self.regressions[load["key"]] = message
+
+    def add_note(self, note: str) -> None:
+        """A line for the load report's summary and JSON ``notes``, from this process."""
+        self.pending_notes.append(note)
 
     def note_use(self, spec) -> str | None:
         """The running test used ``spec``'s model; returns its footprint regression message, if any."""
@@ -183,11 +185,8 @@ class Reporter:
                     "nodeid": item.nodeid, "cpu_peak_delta": usage.cpu_peak_delta,
                     "gpu_allocated_peak": usage.gpu_allocated_peak, "gpu_reserved_peak": usage.gpu_reserved_peak,
                     "gpu_used": usage.gpu_used, "seconds": round(usage.seconds, 4)})))
-        for source in self.notes_from:
-            note = source()
-            if note and note not in self._sent_notes:
-                self._sent_notes.add(note)
-                report.user_properties.append((NOTE_PROPERTY, note))
+        while self.pending_notes:
+            report.user_properties.append((NOTE_PROPERTY, self.pending_notes.pop(0)))
         if report.when == "teardown" and (self.pending_loads or self.used):
             payload = {"loads": self.pending_loads, "used": sorted(self.used),
                        "worker": self.worker_name}

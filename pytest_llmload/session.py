@@ -39,8 +39,7 @@ class LLMLoadSession:
                 hasattr(config, "workerinput") or getattr(config.option, "numprocesses", None)):
             from .affinity import Affinity  # under pytest-xdist only
 
-            self.affinity = Affinity(config, item_spec)
-            self.reporter.notes_from.append(lambda: self.affinity.split_note)
+            self.affinity = Affinity(config, item_spec, self.reporter.add_note)
         self.emulation = None
         if options.emulate_gpu:
             from .limits import GpuEmulation

@@ -57,19 +57,19 @@ def test_without_xdist_nothing_changes(pytester, args):
 
 @pytest.mark.xfail(reason="pytest-dev/pytest-xdist#1386: --dist loadgroup rewrites item._nodeid, which pytest 9.2 "
                           "no longer reads, so xdist_group marks stop grouping; pytest-llmload schedules by cell "
-                          "itself", strict=False)
+                          "itself", strict=True)
 def test_upstream_xdist_loadgroup_groups_on_this_pytest(pytester):
     pytester.makepyfile("""
         import os
         import pytest
 
         @pytest.mark.xdist_group("one")
-        @pytest.mark.parametrize("n", range(6))
+        @pytest.mark.parametrize("n", range(20))
         def test_x(n):
             with open(f"worker-{n}.txt", "w") as f:
                 f.write(os.environ["PYTEST_XDIST_WORKER"])
     """)
     result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "-p", "no:llmload")
-    result.assert_outcomes(passed=6)
-    workers = {(pytester.path / f"worker-{n}.txt").read_text() for n in range(6)}
+    result.assert_outcomes(passed=20)  # load scheduling spreads 20 ungrouped tests over both workers
+    workers = {(pytester.path / f"worker-{n}.txt").read_text() for n in range(20)}
     assert len(workers) == 1, workers
