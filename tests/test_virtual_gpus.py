@@ -194,7 +194,7 @@ def test_autograd_flows_across_cards():
 
 def _patched_objects():
     return (
-        torch.cuda.is_available, torch.cuda.device_count, torch.compile, torch._has_compatible_shallow_copy_type,
+        torch.cuda.is_available, torch.cuda.device_count, torch.compile,
         concurrent.futures.ThreadPoolExecutor.submit, torch.amp.autocast_mode.autocast.__init__,
         torch.accelerator.is_available,
     )

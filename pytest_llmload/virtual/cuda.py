@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from .fleet import Fleet
-from .tensor import NotSimulatedError, VirtualTensor
+from .tensor import NotSimulatedError
 
 
 @dataclass(frozen=True)
@@ -188,19 +188,6 @@ def accelerator_replacements(fleet: Fleet, cuda: dict[str, Any]) -> dict[str, An
     }
 
 
-def _shallow_copy_guard(original):
-    """``Module._apply`` assigns ``param.data`` when this says yes; for a virtual tensor that would leave
-    the wrapper's inner tensor behind, so say no and let it swap or rebuild the parameter instead."""
-
-    @functools.wraps(original)
-    def has_compatible_shallow_copy_type(a, b):
-        if type(a) is VirtualTensor or type(b) is VirtualTensor:
-            return False
-        return original(a, b)
-
-    return has_compatible_shallow_copy_type
-
-
 def _autocast_guard(original_init):
     @functools.wraps(original_init)
     def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
@@ -277,6 +264,19 @@ def _materialize_onto_cards(fleet: Fleet, original):
     return _materialize_copy
 
 
+def _checkpoint_metadata(original):
+    """Activation checkpointing compares each recomputed tensor's shape, dtype and device with the forward's.
+    Its hooks run inside a torch call, where a fresh detached copy of a card tensor is a plain object: the
+    check compares the real device (the CPU for every card) so the two sides agree as they do on CUDA."""
+
+    @functools.wraps(original)
+    def meta(x):
+        with torch._C.DisableTorchFunction():
+            return {"shape": x.shape, "dtype": x.dtype, "device": torch._C.TensorBase.device.__get__(x)}
+
+    return meta
+
+
 def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
     """``(object, attribute, replacement)`` for everything the fleet patches."""
     import sys
@@ -289,10 +289,14 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
             for name, value in accelerator_replacements(fleet, cuda).items()
             if hasattr(torch.accelerator, name)
         ]
-    targets.append((torch, "_has_compatible_shallow_copy_type", _shallow_copy_guard(torch._has_compatible_shallow_copy_type)))
     targets.append((torch, "compile", _eager_compile))
     autocast = torch.amp.autocast_mode.autocast
     targets.append((autocast, "__init__", _autocast_guard(autocast.__init__)))
+    import torch.utils.checkpoint as checkpoint
+
+    checks = dict(checkpoint._allowed_determinism_checks_to_fns)
+    checks[checkpoint._DEFAULT_DETERMINISM_MODE] = _checkpoint_metadata(checks[checkpoint._DEFAULT_DETERMINISM_MODE])
+    targets.append((checkpoint, "_allowed_determinism_checks_to_fns", checks))
     executor = concurrent.futures.ThreadPoolExecutor
     targets.append((executor, "submit", _submit_guard(fleet, executor.submit, mode_factory)))
     modeling_utils = sys.modules.get("transformers.modeling_utils")

@@ -1,21 +1,34 @@
-"""The TorchFunctionMode that turns ``cuda`` device requests into virtual tensors.
+"""The TorchFunctionMode that runs the fleet: every torch call made while a fleet is active comes here.
 
-It catches what creates or moves a tensor on a device: ``Tensor.to/.cuda/.cpu/.type_as``, any call
-with ``device=`` (factories, ``*_like``, ``new_*``), ``torch.device(int)`` and ``_parse_to`` (what
-``Module.to`` uses). Moves between devices are an autograd Function, so gradients flow back.
+It turns ``cuda`` device requests into virtual tensors (``Tensor.to/.cuda/.cpu/.type_as``, any call with
+``device=``: factories, ``*_like``, ``new_*``; ``torch.device(int)``; ``_parse_to``, what ``Module.to``
+uses), checks CUDA's same-device rule at the call, and puts each call's new tensors on the card of its
+inputs. Moves between devices are an autograd Function, so gradients flow back; a backward started here
+runs with the mode (and ``AutogradOnCards``) active, so what autograd computes stays on the cards too.
 """
 
 from __future__ import annotations
 
+import copy as _copy
+import inspect
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from .fleet import Fleet
-from .tensor import NotSimulatedError, VirtualTensor, adopt, mixed_devices_error
+from .tensor import (
+    AutogradOnCards,
+    NotSimulatedError,
+    VirtualTensor,
+    adopt,
+    adopt_outputs,
+    mixed_devices_error,
+    release_to_cpu,
+)
 
 _Tensor = torch.Tensor
+_CPU = torch.device("cpu")
 
 
 def resolve_device(fleet: Fleet, device: Any) -> torch.device | None:
@@ -32,30 +45,52 @@ def resolve_device(fleet: Fleet, device: Any) -> torch.device | None:
     return device
 
 
+class _no_dispatch_modes:
+    """Run a move without ``AutogradOnCards`` watching (the move decides where its result lives)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        self.guard = _disable_current_modes() if torch._C._len_torch_dispatch_stack() else None
+        if self.guard is not None:
+            self.guard.__enter__()
+
+    def __exit__(self, *exc):
+        if self.guard is not None:
+            self.guard.__exit__(*exc)
+        return False
+
+
 class _Move(torch.autograd.Function):
     """A copy to another device (virtual card, cpu, meta); its backward copies the gradient back."""
 
     @staticmethod
     def forward(ctx, x, target, dtype, memory_format):  # type: ignore[override]
         ctx.source_index = x._index if type(x) is VirtualTensor else None
-        ctx.source_device = x.device
+        ctx.source_device = _CPU if ctx.source_index is not None else x.device
         ctx.source_dtype = x.dtype
-        elem = x._elem if type(x) is VirtualTensor else x
-        real = torch.device("cpu") if target.type == "cuda" else target
-        out = elem.to(device=real, dtype=dtype, memory_format=memory_format, copy=True)
-        return adopt(out, target.index) if target.type == "cuda" else out
+        real = _CPU if target.type == "cuda" else target
+        with _no_dispatch_modes():
+            out = _Tensor.to(x, device=real, dtype=dtype, memory_format=memory_format, copy=True)
+        return adopt(out, target.index, fresh=True) if target.type == "cuda" else out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        elem = grad._elem if type(grad) is VirtualTensor else grad
+        with _no_dispatch_modes():
+            back = _Tensor.to(grad, device=ctx.source_device, dtype=ctx.source_dtype, copy=True)
         if ctx.source_index is not None:
-            grad_back = adopt(elem.to(dtype=ctx.source_dtype, copy=True), ctx.source_index)
-        else:
-            grad_back = elem.to(device=ctx.source_device, dtype=ctx.source_dtype)
-        return grad_back, None, None, None
+            return adopt(back, ctx.source_index, fresh=True), None, None, None
+        return back, None, None, None
 
 
-def move(fleet: Fleet, tensor: torch.Tensor, device: Any, dtype=None, copy=False, memory_format=torch.preserve_format):
+def _same_card(tensor: torch.Tensor, out: Any) -> Any:
+    """The result of a call that keeps ``tensor``'s card (a dtype change, a copy on the card)."""
+    if isinstance(out, _Tensor) and out is not tensor and type(tensor) is VirtualTensor:
+        adopt(out, tensor._index)
+    return out
+
+
+def move(fleet, tensor: torch.Tensor, device: Any, dtype=None, copy=False, memory_format=torch.preserve_format):
     """``tensor.to(device, dtype)`` with virtual cards understood."""
     target = resolve_device(fleet, device)
     virtual = type(tensor) is VirtualTensor
@@ -63,11 +98,11 @@ def move(fleet: Fleet, tensor: torch.Tensor, device: Any, dtype=None, copy=False
         kwargs = {"dtype": dtype, "copy": copy, "memory_format": memory_format}
         if target is not None:
             kwargs["device"] = target
-        return _Tensor.to(tensor, **{k: v for k, v in kwargs.items() if v is not None})
+        return _same_card(tensor, _Tensor.to(tensor, **{k: v for k, v in kwargs.items() if v is not None}))
     if virtual and target.type == "cuda" and target.index == tensor._index:
         if (dtype is None or dtype == tensor.dtype) and not copy:
             return tensor
-        return _Tensor.to(tensor, dtype=dtype or tensor.dtype, copy=copy, memory_format=memory_format)
+        return _same_card(tensor, _Tensor.to(tensor, dtype=dtype or tensor.dtype, copy=copy, memory_format=memory_format))
     return _Move.apply(tensor, target, dtype, memory_format)
 
 
@@ -81,7 +116,7 @@ def _to(fleet, func, args, kwargs):
         if type(device) is int and device == tensor._index:
             return tensor
         if type(device) is torch.dtype and not kwargs:  # a dtype change stays on the card
-            return func(tensor, device)
+            return _same_card(tensor, func(tensor, device))
     rest = list(args[1:])
     kwargs = dict(kwargs)
     copy = kwargs.pop("copy", False)
@@ -105,7 +140,7 @@ def _cuda(fleet, func, args, kwargs):
 
 def _cpu(fleet, func, args, kwargs):
     if type(args[0]) is VirtualTensor:
-        return _Move.apply(args[0], torch.device("cpu"), None, kwargs.get("memory_format", torch.preserve_format))
+        return _Move.apply(args[0], _CPU, None, kwargs.get("memory_format", torch.preserve_format))
     return func(*args, **kwargs)
 
 
@@ -122,12 +157,6 @@ def _numpy(fleet, func, args, kwargs):
             f"can't convert cuda:{args[0]._index} device type tensor to numpy. "
             "Use Tensor.cpu() to copy the tensor to host memory first."
         )
-    return func(*args, **kwargs)
-
-
-def _tolist(fleet, func, args, kwargs):
-    if type(args[0]) is VirtualTensor:
-        return args[0]._elem.tolist()
     return func(*args, **kwargs)
 
 
@@ -157,54 +186,47 @@ def _not_simulated(feature):
     return handler
 
 
-def _unwrap(value: Any) -> Any:
-    if type(value) is VirtualTensor:
-        return value._elem
-    if isinstance(value, (list, tuple)) and any(type(v) is VirtualTensor for v in value):
-        return type(value)(_unwrap(v) for v in value)
-    return value
+def _storages(values) -> set[int]:
+    found = set()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.add(value.untyped_storage().data_ptr())
+        elif isinstance(value, (list, tuple)):
+            found |= _storages(value)
+    return found
 
 
 def _factory(fleet, func, args, kwargs):
-    """A call with ``device=``: run it on the real device (cpu for a virtual card) and wrap the result."""
+    """A call with ``device=``: run it on the CPU and put the result on the card asked for."""
     target = resolve_device(fleet, kwargs["device"])
     if kwargs.get("pin_memory"):
         # Libraries ask for pinned host buffers once torch.cuda.is_available() (safetensors reading offloaded
         # weights does): host memory on a CPU-only machine, same values. Tensor.pin_memory() itself raises.
         kwargs = {**kwargs, "pin_memory": False}
-    has_virtual = any(type(a) is VirtualTensor for a in args)
-    if target is None or (target.type != "cuda" and not has_virtual):
-        return func(*args, **{**kwargs, "device": target})
-    uargs = [_unwrap(a) for a in args]
-    if target.type != "cuda":
-        return func(*uargs, **kwargs)
-    kwargs = dict(kwargs, device="cpu")
-    requires_grad = kwargs.pop("requires_grad", False)
-    out = func(*uargs, **kwargs)
+    on_card = target is not None and target.type == "cuda"
+    out = func(*args, **{**kwargs, "device": _CPU if on_card else target})
     if not isinstance(out, torch.Tensor):
         return out
-    sources = {a.untyped_storage().data_ptr() for a in uargs if isinstance(a, torch.Tensor)}
-    if out.untyped_storage().data_ptr() in sources:  # as_tensor/asarray may hand back the CPU input itself
-        out = out.clone()
-    return adopt(out, target.index, requires_grad=requires_grad)
+    if type(out) is VirtualTensor or out.untyped_storage().data_ptr() in _storages(args):
+        # as_tensor/asarray may hand back their input itself; a tensor on another device is a copy (as on CUDA)
+        with torch.no_grad():
+            out = release_to_cpu(_Tensor.clone(out)) if type(out) is VirtualTensor else _Tensor.clone(out)
+    return adopt(out, target.index, fresh=True) if on_card else out
 
 
 def _new_on_card(fleet, func, args, kwargs):
-    """``t.new_tensor(data)`` / ``t.new(...)``: C++ builds these from the internal (cpu) options, so put the
-    result on ``t``'s card here. The data may come from any device, as on CUDA."""
+    """``t.new_tensor(data)`` / ``t.new(...)``: the result is on ``t``'s card, whatever device the data is on
+    (as on CUDA)."""
     if "device" in kwargs:
         return _factory(fleet, func, args, kwargs)
     tensor = args[0]
-    if type(tensor) is not VirtualTensor:
-        return func(*args, **kwargs)
-    kwargs = dict(kwargs)
-    requires_grad = kwargs.pop("requires_grad", False)
-    data = [_unwrap(a) for a in args[1:]]
-    out = func(tensor._elem, *data, **kwargs)
-    sources = {a.untyped_storage().data_ptr() for a in data if isinstance(a, torch.Tensor)}
-    if out.untyped_storage().data_ptr() in sources:
-        out = out.clone()
-    return adopt(out, tensor._index, requires_grad=requires_grad)
+    out = func(*args, **kwargs)
+    if type(tensor) is not VirtualTensor or not isinstance(out, torch.Tensor):
+        return out
+    if type(out) is VirtualTensor or out.untyped_storage().data_ptr() in _storages(args[1:]):
+        with torch.no_grad():
+            out = release_to_cpu(_Tensor.clone(out)) if type(out) is VirtualTensor else _Tensor.clone(out)
+    return adopt(out, tensor._index, fresh=True)
 
 
 def _type(fleet, func, args, kwargs):
@@ -213,7 +235,7 @@ def _type(fleet, func, args, kwargs):
     target = args[1] if len(args) > 1 else kwargs.get("dtype")
     virtual = type(tensor) is VirtualTensor
     if target is None:
-        name = func(tensor._elem if virtual else tensor)
+        name = func(tensor)
         return name.replace("torch.", "torch.cuda.", 1) if virtual else name
     if isinstance(target, str) and target.startswith("torch.cuda."):
         dtype = torch.empty(0).type("torch." + target[len("torch.cuda."):]).dtype
@@ -221,6 +243,167 @@ def _type(fleet, func, args, kwargs):
     if virtual and isinstance(target, str):
         return move(fleet, tensor, "cpu", torch.empty(0).type(target).dtype)
     return func(*args, **kwargs)
+
+
+def _histc(fleet, func, args, kwargs):
+    """CUDA has an integer ``histc`` (Mixtral's router uses it when ``device.type == "cuda"``); the CPU has not."""
+    tensor = args[0]
+    if type(tensor) is VirtualTensor and not tensor.is_floating_point():
+        out = func(tensor.float(), *args[1:], **kwargs).to(tensor.dtype)
+        return adopt(out, tensor._index)
+    return _generic(fleet, func, args, kwargs)
+
+
+def _set_data(fleet, func, args, kwargs):
+    """``t.data = other`` (what ``Module._apply`` does): ``t`` keeps its identity and moves to ``other``'s device."""
+    tensor, value = args[0], args[1]
+    func(tensor, value)
+    if type(value) is VirtualTensor:
+        if type(tensor) is not VirtualTensor or tensor._index != value._index:
+            adopt(tensor, value._index)
+    elif type(tensor) is VirtualTensor:
+        tensor.__class__ = torch.nn.Parameter if getattr(tensor, "_is_param", False) else _Tensor
+        del tensor._index
+    return None
+
+
+def _deepcopy(fleet, func, args, kwargs):
+    tensor = args[0]
+    memo = args[1] if len(args) > 1 else kwargs.get("memo", {})
+    if type(tensor) is not VirtualTensor:
+        return func(*args, **kwargs)
+    if id(tensor) in memo:
+        return memo[id(tensor)]
+    with torch.no_grad():
+        new = _Tensor.clone(tensor)
+    new.requires_grad_(tensor.requires_grad)
+    adopt(new, tensor._index, fresh=True)
+    memo[id(tensor)] = new
+    state = {k: v for k, v in vars(tensor).items() if k != "_index"}
+    for name, value in _copy.deepcopy(state, memo).items():
+        setattr(new, name, value)
+    if tensor.grad is not None:
+        new.grad = _copy.deepcopy(tensor.grad, memo)
+    return new
+
+
+# -- backward: autograd's own steps, run below its __torch_function__ check, with the fleet active ------
+
+_BACKWARD_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
+def _bound(func, args, kwargs) -> dict[str, Any]:
+    signature = _BACKWARD_SIGNATURES.get(func)
+    if signature is None:
+        signature = _BACKWARD_SIGNATURES[func] = inspect.signature(func)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _backward(fleet, func, args, kwargs):
+    """``loss.backward()``, ``torch.autograd.backward``, ``torch.autograd.grad``.
+
+    A ``__torch_function__`` handler runs with its mode switched off, so a plain call here would run the whole
+    backward outside the fleet: custom backward code and activation checkpointing's recomputation would then ask
+    the CPU build for CUDA. So the handler does what those functions do after their override check
+    (``_make_grads``, ``_engine_run_backward``) with the fleet's mode pushed again, and ``AutogradOnCards``
+    puts gradients on their cards."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    a = _bound(func, args, kwargs)
+    if func is torch.autograd.grad:
+        if a["is_grads_batched"]:
+            return func(*args, **kwargs)
+        outputs = (a["outputs"],) if isinstance(a["outputs"], torch.Tensor) else tuple(a["outputs"])
+        inputs = a["inputs"]
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs.values() if isinstance(inputs, dict) else inputs)
+        with VirtualDeviceMode(fleet, strict=False), AutogradOnCards():
+            grads = _make_grads(outputs, _tensor_or_tensors_to_tuple(a["grad_outputs"], len(outputs)), is_grads_batched=False)
+            retain = a["create_graph"] if a["retain_graph"] is None else a["retain_graph"]
+            result = _engine_run_backward(
+                outputs, grads, retain, a["create_graph"], inputs, a["allow_unused"], accumulate_grad=False
+            )
+            if a["materialize_grads"]:
+                result = tuple(
+                    r if r is not None else torch.zeros_like(i, requires_grad=a["create_graph"])
+                    for r, i in zip(result, inputs)
+                )
+        for r, i in zip(result, inputs):  # gradients are on their input's card
+            if type(r) is _Tensor and type(i) is VirtualTensor:
+                adopt(r, i._index)
+        if isinstance(a["inputs"], dict):
+            return dict(zip(a["inputs"].keys(), result))
+        return result
+    if func is _Tensor.backward:
+        tensors, grad_tensors = (a["self"],), a["gradient"]
+    else:
+        tensors = a["tensors"]
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        grad_tensors = a["grad_tensors"] if a["grad_tensors"] is not None else a.get("grad_variables")
+    inputs = a["inputs"]
+    if inputs is not None:
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs.values() if isinstance(inputs, dict) else inputs)
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or inputs == ():
+        return func(*args, **kwargs)  # gradient edges, or autograd's own error for an empty ``inputs``
+    return _run_backward(fleet, tensors, grad_tensors, a, inputs or ())
+
+
+def _run_backward(fleet, tensors, grad_tensors, a, inputs):
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    with VirtualDeviceMode(fleet, strict=False), AutogradOnCards():
+        grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False)
+        retain = a["create_graph"] if a["retain_graph"] is None else a["retain_graph"]
+        _engine_run_backward(tensors, grads, retain, a["create_graph"], inputs, allow_unreachable=True, accumulate_grad=True)
+    return None
+
+
+# Calls where CUDA accepts CPU tensors next to cuda ones: indexing with CPU indices, assigning CPU values.
+def _mixed_ok(fleet, func, args, kwargs):
+    out = func(*args, **kwargs)
+    first = args[0] if args else None
+    if type(first) is VirtualTensor:
+        adopt_outputs(out, first._index, args)
+    return out
+
+
+def _foreach(fleet, func, args, kwargs):
+    """``_foreach_*`` ops take lists whose positions may sit on different cards (optimizers group tensors by
+    their real device, the CPU for every card): CUDA's rule and the result's card per list position."""
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    length = len(lists[0]) if lists else 0
+    indices: list[int] = []
+    for k in range(length):
+        index, conflict = -1, None
+        for lst in lists:
+            t = lst[k]
+            if type(t) is VirtualTensor:
+                if index < 0:
+                    index = t._index
+                elif t._index != index:
+                    conflict = f"cuda:{t._index}"
+            elif t.dim() != 0 and conflict is None:
+                conflict = str(t.device)
+        if conflict is not None and index >= 0:
+            raise mixed_devices_error(f"cuda:{index}", conflict)
+        indices.append(index)
+    out = func(*args, **kwargs)
+    if isinstance(out, (list, tuple)):
+        for k, t in enumerate(out):
+            if type(t) is _Tensor and k < length and indices[k] >= 0:
+                adopt(t, indices[k])
+    return out
+
+
+def _generic(fleet, func, args, kwargs):
+    index = _check_devices(args, kwargs, False)
+    out = func(*args, **kwargs)
+    if index >= 0:
+        adopt_outputs(out, index, args)
+    return out
 
 
 _HANDLERS = {
@@ -232,47 +415,73 @@ _HANDLERS = {
     _Tensor.cpu: _cpu,
     _Tensor.type_as: _type_as,
     _Tensor.numpy: _numpy,
-    _Tensor.tolist: _tolist,
     _Tensor.pin_memory: _not_simulated("pin_memory"),
     _Tensor.record_stream: _not_simulated("Tensor.record_stream (CUDA streams)"),
+    _Tensor.histc: _histc,
+    torch.histc: _histc,
+    _Tensor.data.__set__: _set_data,
+    _Tensor.__deepcopy__: _deepcopy,
+    _Tensor.backward: _backward,
+    torch.autograd.backward: _backward,
+    torch.autograd.grad: _backward,
     torch.device: _device,
     torch._C._nn._parse_to: _parse_to,
 }
+_HANDLERS[torch._has_compatible_shallow_copy_type] = lambda fleet, func, args, kwargs: func(*args, **kwargs)
+for _func in (_Tensor.__getitem__, _Tensor.__setitem__, _Tensor.index_put_, _Tensor.index_put, torch.index_put,
+              _Tensor.copy_):
+    _HANDLERS[_func] = _mixed_ok
+
+_UNSEEN = object()
+# func -> its handler, or None for the common case (checked and adopted inline); filled as calls come.
+_SPECIAL: dict[Any, Any] = {}
 
 
-# Calls where CUDA accepts CPU tensors next to cuda ones: indexing with CPU indices, assigning CPU values.
-_MIXED_OK = {
-    _Tensor.__getitem__, _Tensor.__setitem__, _Tensor.index_put_, _Tensor.index_put, torch.index_put,
-    _Tensor.copy_,
-}
+def _classify(func) -> Any:
+    handler = _HANDLERS.get(func)
+    if handler is not None:
+        return handler
+    if getattr(func, "__name__", "").startswith("_foreach_"):
+        return _foreach
+    return None
 
 
-def check_same_device(args, kwargs) -> None:
-    """CUDA's rule for a user's call: tensors on one card, except 0-dim CPU tensors. (Checked here, at the
-    Python call, because below it C++ composites make CPU temporaries from a virtual tensor's options.)"""
+def _check_devices(args, kwargs, strict: bool = True) -> int:
+    """CUDA's rule for a call: tensors on one card, except 0-dim CPU tensors. Returns the card (-1: none).
+    (Checked at the Python call: below it, C++ composites make CPU temporaries from a card tensor.)"""
     index, plain = -1, None
     for value in (*args, *kwargs.values()) if kwargs else args:
         kind = type(value)
-        if kind is list or kind is tuple:
+        if kind is VirtualTensor:
+            if value._index != index:
+                if index >= 0:
+                    raise mixed_devices_error(f"cuda:{index}", f"cuda:{value._index}")
+                index = value._index
+        elif kind is list or kind is tuple:
             for item in value:
                 if type(item) is VirtualTensor:
-                    index = item._index if index < 0 else index
+                    if item._index != index:
+                        if index >= 0:
+                            raise mixed_devices_error(f"cuda:{index}", f"cuda:{item._index}")
+                        index = item._index
                 elif plain is None and isinstance(item, torch.Tensor) and item.dim() != 0:
                     plain = item
-        elif kind is VirtualTensor:
-            index = value._index if index < 0 else index
         elif plain is None and isinstance(value, torch.Tensor) and value.dim() != 0:
             plain = value
-    if index >= 0 and plain is not None:
+    if index >= 0 and plain is not None and strict:
         raise mixed_devices_error(f"cuda:{index}", str(plain.device))
+    return index
 
 
 class VirtualDeviceMode(TorchFunctionMode):
     """Active in every thread that works with the fleet (the main one, and loading pool threads)."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, strict: bool = True) -> None:
         super().__init__()
         self.fleet = fleet
+        # False while autograd runs a backward: its gradients are plain objects (charged to their card) until
+        # Python code reads them, so plain next to virtual is no device mix there.
+        self.strict = strict
 
     def __enter__(self):
         state = self.fleet.thread_state
@@ -285,15 +494,41 @@ class VirtualDeviceMode(TorchFunctionMode):
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        handler = _HANDLERS.get(func)
-        if handler is not None:
-            return handler(self.fleet, func, args, kwargs or {})
+        special = _SPECIAL.get(func, _UNSEEN)
+        if special is _UNSEEN:
+            special = _SPECIAL[func] = _classify(func)
+        if special is not None:
+            return special(self.fleet, func, args, kwargs or {})
         if kwargs:
             if "device" in kwargs:
                 return _factory(self.fleet, func, args, kwargs)
-            if func not in _MIXED_OK:
-                check_same_device(args, kwargs)
-            return func(*args, **kwargs)
-        if func not in _MIXED_OK:
-            check_same_device(args, None)
-        return func(*args)
+            index = _check_devices(args, kwargs, self.strict)
+            out = func(*args, **kwargs)
+        else:
+            # the common case, inline: every call of a forward pass comes through here
+            index, plain = -1, None
+            for value in args:
+                kind = type(value)
+                if kind is VirtualTensor:
+                    if value._index != index:
+                        if index >= 0:
+                            raise mixed_devices_error(f"cuda:{index}", f"cuda:{value._index}")
+                        index = value._index
+                elif kind is list or kind is tuple:
+                    index = _check_devices(args, None, self.strict)
+                    break
+                elif plain is None and isinstance(value, _Tensor) and value.dim() != 0:
+                    plain = value
+            if index >= 0 and plain is not None and self.strict:
+                raise mixed_devices_error(f"cuda:{index}", str(plain.device))
+            out = func(*args)
+        if index >= 0:
+            kind = type(out)
+            if kind is _Tensor:
+                for value in args:
+                    if value is out:
+                        return out
+                adopt(out, index)
+            elif kind is not VirtualTensor and out is not None:
+                adopt_outputs(out, index, args)
+        return out
