@@ -249,7 +249,7 @@ def _materialize_onto_cards(fleet: Fleet, original):
     device. A fresh tensor that nobody else holds becomes the card's tensor as it is: no second copy, as on
     a CPU load. A tensor that is not fresh (a state_dict the caller passed) is copied as usual."""
     from .mode import resolve_device
-    from .tensor import adopt
+    from .tensor import put_on_card
 
     @functools.wraps(original)
     def _materialize_copy(tensor, device=None, dtype=None):
@@ -259,7 +259,7 @@ def _materialize_onto_cards(fleet: Fleet, original):
         fresh = tensor[...]
         if dtype is not None and fresh.dtype != dtype:
             fresh = fresh.to(dtype=dtype)
-        return adopt(fresh, target.index)
+        return put_on_card(fresh, target.index)
 
     return _materialize_copy
 

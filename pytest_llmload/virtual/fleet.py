@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 from ..errors import LLMLoadUsageError
@@ -105,6 +106,7 @@ def cuda_format_size(num_bytes: int) -> str:
 
 
 _capacity_limit: list[int] = []
+_live_fleets: weakref.WeakSet = weakref.WeakSet()
 
 
 def set_capacity_limit(size: int | None) -> None:
@@ -112,6 +114,11 @@ def set_capacity_limit(size: int | None) -> None:
     _capacity_limit.clear()
     if size is not None:
         _capacity_limit.append(int(size))
+    for fleet in list(_live_fleets):
+        with fleet.lock:
+            for card in fleet.cards:
+                card.limit = card.total_memory
+                card.reserved = card.allocated  # the next growth is checked against the new limit
 
 
 @dataclass
@@ -124,6 +131,10 @@ class Card:
     peak_allocated: int = 0
     reserved: int = 0
     peak_reserved: int = 0
+    limit: int = 0  # total_memory, kept here: allocate() reads it for every new tensor
+
+    def __post_init__(self) -> None:
+        self.limit = self.total_memory
 
     @property
     def total_memory(self) -> int:
@@ -132,7 +143,7 @@ class Card:
         return self.spec.total_memory
 
 
-@dataclass
+@dataclass(eq=False)
 class Fleet:
     """The cards a process sees while a fleet is active, and what each holds."""
 
@@ -143,6 +154,7 @@ class Fleet:
     def __post_init__(self) -> None:
         self.cards = [Card(self.specs[i], i) for i in visible_ordinals(len(self.specs))]
         self.thread_state = threading.local()
+        _live_fleets.add(self)
 
     # -- current device (per thread, like CUDA) --
     def current_device(self) -> int:
@@ -162,17 +174,17 @@ class Fleet:
     # -- accounting --
     def allocate(self, index: int, num_bytes: int) -> int:
         """Charge ``num_bytes`` to card ``index``; a card past its capacity raises CUDA's OOM."""
-        rounded = -(-num_bytes // _ALLOC_ROUND) * _ALLOC_ROUND
+        rounded = (num_bytes + _ALLOC_ROUND - 1) // _ALLOC_ROUND * _ALLOC_ROUND
         card = self.cards[index]
         with self.lock:
             allocated = card.allocated + rounded
-            if allocated > card.total_memory:
-                raise self.out_of_memory(index, rounded)
-            card.allocated = allocated
-            if allocated > card.reserved:
+            if allocated > card.reserved:  # reserved <= limit: below it there is room
+                if allocated > card.limit:
+                    raise self.out_of_memory(index, rounded)
                 card.reserved = allocated
                 if allocated > card.peak_reserved:
                     card.peak_reserved = allocated
+            card.allocated = allocated
             if allocated > card.peak_allocated:
                 card.peak_allocated = allocated
         return rounded

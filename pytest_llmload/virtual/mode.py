@@ -17,14 +17,18 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .fleet import Fleet
+from . import tensor as _tensor_module
 from .tensor import (
+    _CARD_CLASSES,
     AutogradOnCards,
     NotSimulatedError,
-    VirtualTensor,
+    _CARD_OF,
     adopt,
     adopt_outputs,
+    charge,
     mixed_devices_error,
     release_to_cpu,
+    to_plain,
 )
 
 _Tensor = torch.Tensor
@@ -66,7 +70,7 @@ class _Move(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, target, dtype, memory_format):  # type: ignore[override]
-        ctx.source_index = x._index if type(x) is VirtualTensor else None
+        ctx.source_index = x._index if type(x) in _CARD_OF else None
         ctx.source_device = _CPU if ctx.source_index is not None else x.device
         ctx.source_dtype = x.dtype
         real = _CPU if target.type == "cuda" else target
@@ -85,7 +89,7 @@ class _Move(torch.autograd.Function):
 
 def _same_card(tensor: torch.Tensor, out: Any) -> Any:
     """The result of a call that keeps ``tensor``'s card (a dtype change, a copy on the card)."""
-    if isinstance(out, _Tensor) and out is not tensor and type(tensor) is VirtualTensor:
+    if isinstance(out, _Tensor) and out is not tensor and type(tensor) in _CARD_OF:
         adopt(out, tensor._index)
     return out
 
@@ -93,7 +97,7 @@ def _same_card(tensor: torch.Tensor, out: Any) -> Any:
 def move(fleet, tensor: torch.Tensor, device: Any, dtype=None, copy=False, memory_format=torch.preserve_format):
     """``tensor.to(device, dtype)`` with virtual cards understood."""
     target = resolve_device(fleet, device)
-    virtual = type(tensor) is VirtualTensor
+    virtual = type(tensor) in _CARD_OF
     if target is None or (not virtual and target.type != "cuda"):
         kwargs = {"dtype": dtype, "copy": copy, "memory_format": memory_format}
         if target is not None:
@@ -108,7 +112,7 @@ def move(fleet, tensor: torch.Tensor, device: Any, dtype=None, copy=False, memor
 
 def _to(fleet, func, args, kwargs):
     tensor = args[0]
-    if type(tensor) is VirtualTensor and len(args) == 2 and (not kwargs or kwargs.keys() == {"non_blocking"}):
+    if type(tensor) in _CARD_OF and len(args) == 2 and (not kwargs or (len(kwargs) == 1 and "non_blocking" in kwargs)):
         # accelerate's hooks send every module input to its device: mostly where it already is
         device = args[1]
         if type(device) is torch.device and device.type == "cuda" and device.index == tensor._index:
@@ -139,20 +143,20 @@ def _cuda(fleet, func, args, kwargs):
 
 
 def _cpu(fleet, func, args, kwargs):
-    if type(args[0]) is VirtualTensor:
+    if type(args[0]) in _CARD_OF:
         return _Move.apply(args[0], _CPU, None, kwargs.get("memory_format", torch.preserve_format))
     return func(*args, **kwargs)
 
 
 def _type_as(fleet, func, args, kwargs):
     tensor, other = args[0], args[1]
-    if type(tensor) is VirtualTensor or type(other) is VirtualTensor:
+    if type(tensor) in _CARD_OF or type(other) in _CARD_OF:
         return move(fleet, tensor, other.device, other.dtype)
     return func(*args, **kwargs)
 
 
 def _numpy(fleet, func, args, kwargs):
-    if type(args[0]) is VirtualTensor:
+    if type(args[0]) in _CARD_OF:
         raise TypeError(
             f"can't convert cuda:{args[0]._index} device type tensor to numpy. "
             "Use Tensor.cpu() to copy the tensor to host memory first."
@@ -207,10 +211,10 @@ def _factory(fleet, func, args, kwargs):
     out = func(*args, **{**kwargs, "device": _CPU if on_card else target})
     if not isinstance(out, torch.Tensor):
         return out
-    if type(out) is VirtualTensor or out.untyped_storage().data_ptr() in _storages(args):
+    if type(out) in _CARD_OF or out.untyped_storage().data_ptr() in _storages(args):
         # as_tensor/asarray may hand back their input itself; a tensor on another device is a copy (as on CUDA)
         with torch.no_grad():
-            out = release_to_cpu(_Tensor.clone(out)) if type(out) is VirtualTensor else _Tensor.clone(out)
+            out = release_to_cpu(_Tensor.clone(out)) if type(out) in _CARD_OF else _Tensor.clone(out)
     return adopt(out, target.index, fresh=True) if on_card else out
 
 
@@ -221,11 +225,11 @@ def _new_on_card(fleet, func, args, kwargs):
         return _factory(fleet, func, args, kwargs)
     tensor = args[0]
     out = func(*args, **kwargs)
-    if type(tensor) is not VirtualTensor or not isinstance(out, torch.Tensor):
+    if type(tensor) not in _CARD_OF or not isinstance(out, torch.Tensor):
         return out
-    if type(out) is VirtualTensor or out.untyped_storage().data_ptr() in _storages(args[1:]):
+    if type(out) in _CARD_OF or out.untyped_storage().data_ptr() in _storages(args[1:]):
         with torch.no_grad():
-            out = release_to_cpu(_Tensor.clone(out)) if type(out) is VirtualTensor else _Tensor.clone(out)
+            out = release_to_cpu(_Tensor.clone(out)) if type(out) in _CARD_OF else _Tensor.clone(out)
     return adopt(out, tensor._index, fresh=True)
 
 
@@ -233,7 +237,7 @@ def _type(fleet, func, args, kwargs):
     """``t.type()`` says ``torch.cuda.FloatTensor`` on a card; ``t.type("torch.cuda.HalfTensor")`` moves there."""
     tensor = args[0]
     target = args[1] if len(args) > 1 else kwargs.get("dtype")
-    virtual = type(tensor) is VirtualTensor
+    virtual = type(tensor) in _CARD_OF
     if target is None:
         name = func(tensor)
         return name.replace("torch.", "torch.cuda.", 1) if virtual else name
@@ -248,7 +252,7 @@ def _type(fleet, func, args, kwargs):
 def _histc(fleet, func, args, kwargs):
     """CUDA has an integer ``histc`` (Mixtral's router uses it when ``device.type == "cuda"``); the CPU has not."""
     tensor = args[0]
-    if type(tensor) is VirtualTensor and not tensor.is_floating_point():
+    if type(tensor) in _CARD_OF and not tensor.is_floating_point():
         out = func(tensor.float(), *args[1:], **kwargs).to(tensor.dtype)
         return adopt(out, tensor._index)
     return _generic(fleet, func, args, kwargs)
@@ -258,19 +262,17 @@ def _set_data(fleet, func, args, kwargs):
     """``t.data = other`` (what ``Module._apply`` does): ``t`` keeps its identity and moves to ``other``'s device."""
     tensor, value = args[0], args[1]
     func(tensor, value)
-    if type(value) is VirtualTensor:
-        if type(tensor) is not VirtualTensor or tensor._index != value._index:
-            adopt(tensor, value._index)
-    elif type(tensor) is VirtualTensor:
-        tensor.__class__ = torch.nn.Parameter if getattr(tensor, "_is_param", False) else _Tensor
-        del tensor._index
+    if type(value) in _CARD_OF:
+        adopt(tensor, value._index)
+    elif type(tensor) in _CARD_OF:
+        to_plain(tensor)
     return None
 
 
 def _deepcopy(fleet, func, args, kwargs):
     tensor = args[0]
     memo = args[1] if len(args) > 1 else kwargs.get("memo", {})
-    if type(tensor) is not VirtualTensor:
+    if type(tensor) not in _CARD_OF:
         return func(*args, **kwargs)
     if id(tensor) in memo:
         return memo[id(tensor)]
@@ -331,7 +333,7 @@ def _backward(fleet, func, args, kwargs):
                     for r, i in zip(result, inputs)
                 )
         for r, i in zip(result, inputs):  # gradients are on their input's card
-            if type(r) is _Tensor and type(i) is VirtualTensor:
+            if type(r) is _Tensor and type(i) in _CARD_OF:
                 adopt(r, i._index)
         if isinstance(a["inputs"], dict):
             return dict(zip(a["inputs"].keys(), result))
@@ -365,7 +367,7 @@ def _run_backward(fleet, tensors, grad_tensors, a, inputs):
 def _mixed_ok(fleet, func, args, kwargs):
     out = func(*args, **kwargs)
     first = args[0] if args else None
-    if type(first) is VirtualTensor:
+    if type(first) in _CARD_OF:
         adopt_outputs(out, first._index, args)
     return out
 
@@ -380,7 +382,7 @@ def _foreach(fleet, func, args, kwargs):
         index, conflict = -1, None
         for lst in lists:
             t = lst[k]
-            if type(t) is VirtualTensor:
+            if type(t) in _CARD_OF:
                 if index < 0:
                     index = t._index
                 elif t._index != index:
@@ -432,6 +434,7 @@ for _func in (_Tensor.__getitem__, _Tensor.__setitem__, _Tensor.index_put_, _Ten
               _Tensor.copy_):
     _HANDLERS[_func] = _mixed_ok
 
+_card_get = _CARD_OF.get
 _UNSEEN = object()
 # func -> its handler, or None for the common case (checked and adopted inline); filled as calls come.
 _SPECIAL: dict[Any, Any] = {}
@@ -452,14 +455,14 @@ def _check_devices(args, kwargs, strict: bool = True) -> int:
     index, plain = -1, None
     for value in (*args, *kwargs.values()) if kwargs else args:
         kind = type(value)
-        if kind is VirtualTensor:
+        if kind in _CARD_OF:
             if value._index != index:
                 if index >= 0:
                     raise mixed_devices_error(f"cuda:{index}", f"cuda:{value._index}")
                 index = value._index
         elif kind is list or kind is tuple:
             for item in value:
-                if type(item) is VirtualTensor:
+                if type(item) in _CARD_OF:
                     if item._index != index:
                         if index >= 0:
                             raise mixed_devices_error(f"cuda:{index}", f"cuda:{item._index}")
@@ -508,13 +511,13 @@ class VirtualDeviceMode(TorchFunctionMode):
             # the common case, inline: every call of a forward pass comes through here
             index, plain = -1, None
             for value in args:
-                kind = type(value)
-                if kind is VirtualTensor:
-                    if value._index != index:
+                card = _card_get(type(value))
+                if card is not None:
+                    if card != index:
                         if index >= 0:
-                            raise mixed_devices_error(f"cuda:{index}", f"cuda:{value._index}")
-                        index = value._index
-                elif kind is list or kind is tuple:
+                            raise mixed_devices_error(f"cuda:{index}", f"cuda:{card}")
+                        index = card
+                elif type(value) is list or type(value) is tuple:
                     index = _check_devices(args, None, self.strict)
                     break
                 elif plain is None and isinstance(value, _Tensor) and value.dim() != 0:
@@ -523,12 +526,14 @@ class VirtualDeviceMode(TorchFunctionMode):
                 raise mixed_devices_error(f"cuda:{index}", str(plain.device))
             out = func(*args)
         if index >= 0:
-            kind = type(out)
-            if kind is _Tensor:
+            if type(out) is _Tensor:
                 for value in args:
                     if value is out:
                         return out
-                adopt(out, index)
-            elif kind is not VirtualTensor and out is not None:
+                # adopt(out, index), inline: a new tensor of a call on card tensors
+                out.__class__ = _CARD_CLASSES[index]
+                if _tensor_module.active_fleet is not None and out._base is None:
+                    charge(out, index)
+            elif out is not None and type(out) not in _CARD_OF:
                 adopt_outputs(out, index, args)
         return out

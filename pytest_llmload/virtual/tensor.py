@@ -25,7 +25,12 @@ _charged: dict[int, _Charge] = {}
 
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
-_DEVICES = [torch.device("cuda", i) for i in range(64)]
+_NoTorchFunction = torch._C.DisableTorchFunction
+_shape = torch._C.TensorBase.shape.__get__
+_dtype = torch._C.TensorBase.dtype.__get__
+_ndim = torch._C.TensorBase.ndim.__get__
+_size = torch._C.TensorBase.size
+_dim = torch._C.TensorBase.dim
 
 
 class NotSimulatedError(RuntimeError):
@@ -45,39 +50,78 @@ def mixed_devices_error(first: str, second: str) -> RuntimeError:
 
 
 class VirtualTensor(torch.Tensor):
-    """A CPU tensor presented as living on virtual card ``_index``."""
+    """A CPU tensor presented as living on a virtual card. Each card has its own subclass (``card_class(i)``,
+    named ``VirtualTensor0``, ``VirtualTensor1``, ...) holding the card's index and device as class attributes,
+    so putting a tensor on a card is one class assignment: no per-tensor state, nothing copied."""
 
     _index: int
+    device: torch.device  # type: ignore[assignment]
+    is_cuda = True
+    is_cpu = False
 
     @staticmethod
     def __new__(cls, elem: torch.Tensor, index: int | None = None, requires_grad: bool = False):
         if index is None:
+            index = _CARD_OF.get(cls)
+        if index is None:
             # type(param)(data, requires_grad=...): code that rebuilds a parameter of its old class
             # (accelerate's set_module_tensor_to_device) means a Parameter, wherever ``data`` lives.
             return torch.nn.Parameter(elem, requires_grad=requires_grad)
-        with torch._C.DisableTorchFunction():
+        with _NoTorchFunction():
             alias = _Tensor.view_as(elem, elem)
-        return adopt(alias, index, requires_grad=requires_grad)
+            return adopt(alias, index, requires_grad=requires_grad)
 
     # Calls on a virtual tensor are the fleet mode's business; outside a fleet they run as on any CPU tensor.
     __torch_function__ = torch._C._disabled_torch_function_impl
 
-    # -- what Python code sees --
-    @property
-    def device(self) -> torch.device:  # type: ignore[override]
-        index = self._index
-        return _DEVICES[index] if index < 64 else torch.device("cuda", index)
-
-    @property
-    def is_cuda(self) -> bool:  # type: ignore[override]
-        return True
-
-    @property
-    def is_cpu(self) -> bool:  # type: ignore[override]
-        return False
-
     def get_device(self) -> int:  # type: ignore[override]
         return self._index
+
+    # Metadata reads are the most frequent calls of a forward pass (shape checks, dtype casts); answered here
+    # without a trip through the fleet mode (they compute nothing, so there is nothing for it to check).
+    @property
+    def shape(self) -> torch.Size:  # type: ignore[override]
+        with _NoTorchFunction():
+            return _shape(self)
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        with _NoTorchFunction():
+            return _dtype(self)
+
+    @property
+    def ndim(self) -> int:  # type: ignore[override]
+        with _NoTorchFunction():
+            return _ndim(self)
+
+    def size(self, dim=None):  # type: ignore[override]
+        with _NoTorchFunction():
+            return _size(self) if dim is None else _size(self, dim)
+
+    def to(self, *args, **kwargs):  # type: ignore[override]
+        # accelerate's hooks send every module input to its device, mostly where it already is: answered
+        # here; every other form goes through the fleet mode (mode.py, ``_to``)
+        if len(args) == 1 and (not kwargs or (len(kwargs) == 1 and "non_blocking" in kwargs)):
+            device = args[0]
+            if (type(device) is torch.device and device.index == self._index and device.type == "cuda") or (
+                type(device) is int and device == self._index
+            ):
+                return self
+            if type(device) is torch.dtype and not kwargs:
+                with _NoTorchFunction():
+                    if _dtype(self) == device:
+                        return self  # what .to(dtype) returns for its own dtype
+        return _Tensor.to(self, *args, **kwargs)
+
+    def dim(self) -> int:  # type: ignore[override]
+        with _NoTorchFunction():
+            return _dim(self)
+
+    def __reduce_ex__(self, protocol):
+        # torch.save / pickle: saved as the CPU tensor it is (a card has no device memory to name), so
+        # torch.load(weights_only=True) reads it anywhere, as a CPU tensor
+        with _NoTorchFunction():
+            return _Tensor.as_subclass(self, _Tensor).__reduce_ex__(protocol)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         with torch._C.DisableTorchFunction():
@@ -94,17 +138,36 @@ class VirtualTensor(torch.Tensor):
         return head + suffix + ")"
 
 
+# card index -> its class, and back
+_CARD_CLASSES: list[type] = []
+_CARD_OF: dict[type, int] = {}
+
+
+def card_class(index: int) -> type:
+    """The ``VirtualTensor`` subclass of card ``index`` (made once, kept: tensors may outlive a fleet)."""
+    while len(_CARD_CLASSES) <= index:
+        i = len(_CARD_CLASSES)
+        cls = type(f"VirtualTensor{i}", (VirtualTensor,), {"_index": i, "device": torch.device("cuda", i),
+                                                             "__module__": __name__})
+        globals()[cls.__name__] = cls  # importable by name (pickle, repr of the type)
+        _CARD_CLASSES.append(cls)
+        _CARD_OF[cls] = i
+    return _CARD_CLASSES[index]
+
+
+card_class(7)
+
+
 def adopt(tensor: torch.Tensor, index: int, requires_grad: bool = False, fresh: bool = False) -> torch.Tensor:
-    """Put a CPU tensor on card ``index`` in place (its class becomes ``VirtualTensor``), charging its storage
-    to the card once. ``fresh``: the storage was just made for this card (a charge elsewhere moves here)."""
+    """Put a CPU tensor on card ``index`` in place (its class becomes the card's), charging its storage to
+    the card once. ``fresh``: the storage was just made for this card (a charge elsewhere moves here)."""
     kind = type(tensor)
-    if kind is not VirtualTensor:
+    if _CARD_OF.get(kind) != index:
         if kind is _Parameter:
             tensor._is_param = True  # isinstance(t, nn.Parameter) stays true (torch's own rule for subclasses)
-        elif kind is not _Tensor:
+        elif kind is not _Tensor and kind not in _CARD_OF:
             return tensor  # another library's subclass (bitsandbytes' parameters): left as it is
-        tensor.__class__ = VirtualTensor
-    tensor._index = index
+        tensor.__class__ = _CARD_CLASSES[index] if index < len(_CARD_CLASSES) else card_class(index)
     if active_fleet is not None:
         charge(tensor, index, fresh)
     if requires_grad:
@@ -112,30 +175,66 @@ def adopt(tensor: torch.Tensor, index: int, requires_grad: bool = False, fresh: 
     return tensor
 
 
+def put_on_card(tensor: torch.Tensor, index: int, fresh: bool = True) -> torch.Tensor:
+    """``adopt`` for callers outside the fleet mode's handlers (where torch calls would reach the mode)."""
+    with _NoTorchFunction():
+        return adopt(tensor, index, fresh=fresh)
+
+
+def to_plain(tensor: torch.Tensor) -> torch.Tensor:
+    """Make a card tensor a CPU tensor (or a CPU parameter) again, in place."""
+    if type(tensor) in _CARD_OF:
+        tensor.__class__ = _Parameter if getattr(tensor, "_is_param", False) else _Tensor
+    return tensor
+
+
 def charge(tensor: torch.Tensor, index: int, fresh: bool = False) -> None:
-    """Charge ``tensor``'s storage to card ``index`` unless it is charged already."""
+    """Charge ``tensor``'s storage to card ``index`` unless it is charged already; its death gives the bytes
+    back (a weak reference with a callback: the storage's Python object lives as long as the storage)."""
+    if tensor._base is not None and not fresh:
+        return  # a view: its storage is its base's, charged when the base was put on a card
     fleet = active_fleet
     storage = tensor.untyped_storage()
     ptr = storage.data_ptr()
-    if ptr:
-        charged = _charged.get(ptr)
-        if charged is None:
-            _charged[ptr] = _Charge(storage, _release, fleet, ptr, index, fleet.allocate(index, storage.nbytes()))
-        elif fresh and charged.index != index and charged.fleet is fleet:
-            rounded = fleet.allocate(index, storage.nbytes())
-            fleet.free(charged.index, charged.rounded)
-            charged.index, charged.rounded = index, rounded
+    if not ptr:
+        return
+    entry = _charged.get(ptr)
+    if entry is None:
+        rounded = fleet.allocate(index, storage.nbytes())
+        entry = _charged[ptr] = _Charge(storage, _release)
+        entry.fleet, entry.ptr, entry.index, entry.rounded, entry.live = fleet, ptr, index, rounded, True
+    elif fresh and entry.index != index and entry.fleet is fleet:
+        rounded = fleet.allocate(index, storage.nbytes())
+        fleet.free(entry.index, entry.rounded)
+        entry.index, entry.rounded = index, rounded
+
+
+class _Charge(weakref.ref):
+    """A charged storage: when it dies, its bytes go back to its card. (Made with the plain ``weakref.ref``
+    constructor and given its fields after: no Python ``__init__`` on this path, it runs for every new tensor.)"""
+
+    __slots__ = ("fleet", "ptr", "index", "rounded", "live")
+
+
+def _settle(entry: _Charge) -> None:
+    """Give a dead (or handed back) storage's bytes back to its card, once."""
+    if entry.live:
+        entry.live = False
+        entry.fleet.free(entry.index, entry.rounded)
+    if _charged.get(entry.ptr) is entry:
+        del _charged[entry.ptr]
+
+
+_release = _settle
 
 
 def release_to_cpu(tensor: torch.Tensor) -> torch.Tensor:
     """Make a fresh tensor that was put on a card a plain CPU tensor again (its charge goes back)."""
-    if type(tensor) is VirtualTensor:
-        charge = _charged.pop(tensor.untyped_storage().data_ptr(), None)
-        if charge is not None:
-            charge.fleet.free(charge.index, charge.rounded)
-            charge.detach()
-        tensor.__class__ = _Parameter if getattr(tensor, "_is_param", False) else _Tensor
-        del tensor._index
+    if type(tensor) in _CARD_OF:
+        entry = _charged.get(tensor.untyped_storage().data_ptr())
+        if entry is not None:
+            _settle(entry)
+        to_plain(tensor)
     return tensor
 
 
@@ -153,45 +252,22 @@ def adopt_outputs(out: Any, index: int, args: tuple) -> None:
                 adopt(item, index)
 
 
-class _Charge(weakref.ref):
-    """A charged storage: when it dies, its bytes go back to its card."""
-
-    __slots__ = ("fleet", "ptr", "index", "rounded", "live")
-
-    def __new__(cls, storage, callback, fleet, ptr, index, rounded):
-        self = super().__new__(cls, storage, callback)
-        self.fleet, self.ptr, self.index, self.rounded, self.live = fleet, ptr, index, rounded, True
-        return self
-
-    def __init__(self, storage, callback, *args) -> None:
-        super().__init__(storage, callback)
-
-    def detach(self) -> None:
-        self.live = False
-
-
-def _release(charge: _Charge) -> None:
-    if _charged.get(charge.ptr) is charge:
-        del _charged[charge.ptr]
-    if charge.live:
-        charge.fleet.free(charge.index, charge.rounded)
-
-
 def _card_of(values: Any) -> int:
     """The card of the first tensor among ``values`` (lists one level deep) that is virtual or whose storage
     is charged to a card (autograd's own tensors: plain objects whose memory lives on a card), or -1."""
     for value in values:
         kind = type(value)
-        if kind is VirtualTensor:
-            return value._index
+        index = _CARD_OF.get(kind)
+        if index is not None:
+            return index
         if kind is list or kind is tuple:
             found = _card_of(value)
             if found >= 0:
                 return found
         elif isinstance(value, _Tensor):
-            charged = _charged.get(value.untyped_storage().data_ptr())
-            if charged is not None:
-                return charged.index
+            entry = _charged.get(value.untyped_storage().data_ptr())
+            if entry is not None and entry.live:
+                return entry.index
     return -1
 
 
@@ -202,17 +278,15 @@ class AutogradOnCards(TorchDispatchMode):
     gradient becomes a virtual tensor when Python code reads it (``param.grad``)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        with torch._C.DisableTorchFunction():  # an aten call from here is not a user's call: no device check
+        # (no torch function here: an aten call from here is not a user's call, and the reads below are ours)
+        with _NoTorchFunction():
             out = func(*args, **kwargs) if kwargs else func(*args)
-        if active_fleet is None:
-            return out
-        kind = type(out)
-        if kind is _Tensor or kind is VirtualTensor or isinstance(out, (list, tuple)):
-            index = _card_of(args)
-            if index < 0 and kwargs:
-                index = _card_of(kwargs.values())
-            if index >= 0:
-                for item in (out,) if isinstance(out, _Tensor) else out:
-                    if isinstance(item, _Tensor):
-                        charge(item, index)
+            if active_fleet is not None and isinstance(out, (_Tensor, list, tuple)):
+                index = _card_of(args)
+                if index < 0 and kwargs:
+                    index = _card_of(kwargs.values())
+                if index >= 0:
+                    for item in (out,) if isinstance(out, _Tensor) else out:
+                        if isinstance(item, _Tensor):
+                            charge(item, index)
         return out
