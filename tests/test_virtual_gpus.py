@@ -566,3 +566,18 @@ def test_a_card_tensor_is_the_cpu_tensor_itself():
         assert torch.cuda.memory_allocated(1) == before  # a view shares its base's charge
         del y
         assert torch.cuda.memory_allocated(1) == before - 512  # 24 bytes, rounded as CUDA's allocator does
+
+
+def test_accelerate_rebuilding_a_card_parameter_of_its_own_class():
+    """accelerate's set_module_tensor_to_device rebuilds a parameter as type(old)(value, requires_grad=...):
+    with one tensor class per card that call reached torch.Tensor.__init__ and failed (a balanced split of
+    the examples with 400 KiB budgets hit it)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    with virtual_gpus("2x64MiB"):
+        lin = torch.nn.Linear(3, 3).to("cuda:0")
+        value = torch.arange(9.0).reshape(3, 3)
+        set_module_tensor_to_device(lin, "weight", "cuda:1", value=value)
+        assert isinstance(lin.weight, torch.nn.Parameter) and lin.weight.device == torch.device("cuda", 1)
+        assert torch.equal(lin.weight.cpu(), value) and lin.weight.requires_grad
+        assert isinstance(VirtualTensor(torch.ones(2), 1), VirtualTensor)

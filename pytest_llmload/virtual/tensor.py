@@ -62,14 +62,15 @@ class VirtualTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, elem: torch.Tensor, index: int | None = None, requires_grad: bool = False):
         if index is None:
-            index = _CARD_OF.get(cls)
-        if index is None:
             # type(param)(data, requires_grad=...): code that rebuilds a parameter of its old class
             # (accelerate's set_module_tensor_to_device) means a Parameter, wherever ``data`` lives.
             return torch.nn.Parameter(elem, requires_grad=requires_grad)
         with _NoTorchFunction():
             alias = _Tensor.view_as(elem, elem)
             return adopt(alias, index, requires_grad=requires_grad)
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass  # everything happened in __new__ (torch.Tensor's own __init__ would parse the args again)
 
     # Calls on a virtual tensor are the fleet mode's business; outside a fleet they run as on any CPU tensor.
     __torch_function__ = torch._C._disabled_torch_function_impl
