@@ -581,3 +581,74 @@ def test_accelerate_rebuilding_a_card_parameter_of_its_own_class():
         assert isinstance(lin.weight, torch.nn.Parameter) and lin.weight.device == torch.device("cuda", 1)
         assert torch.equal(lin.weight.cpu(), value) and lin.weight.requires_grad
         assert isinstance(VirtualTensor(torch.ones(2), 1), VirtualTensor)
+
+
+# ---------------------------------------------------------------- found by an adversarial pass (each failed before)
+
+
+def test_fused_adamw_over_two_cards_equals_cpu():
+    torch.manual_seed(0)
+    cpu = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    import copy
+
+    with virtual_gpus("2x64MiB"):
+        split = copy.deepcopy(cpu)
+        split[0].to("cuda:0")
+        split[1].to("cuda:1")
+        x = torch.randn(3, 4)
+        for model, inputs in ((cpu, x), (split, x.cuda(0))):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+            out = model[1](model[0](inputs).to(model[1].weight.device)) if model is split else model(inputs)
+            out.sum().backward()
+            optimizer.step()
+        assert split[1].weight.device == torch.device("cuda", 1)
+        for a, b in zip(cpu.parameters(), split.parameters()):
+            assert torch.equal(a.detach(), b.detach().cpu())
+
+
+def test_indices_must_be_on_the_cpu_or_the_indexed_tensors_card():
+    with virtual_gpus("2x64MiB"):
+        table = torch.arange(10.0)  # a scheduler's table left on the CPU, timesteps on the card
+        steps = torch.tensor([1, 2], device="cuda:0")
+        with pytest.raises(RuntimeError, match=r"indices should be either on cpu or on the same device as the indexed tensor \(cpu\)"):
+            table[steps]
+        on0 = torch.arange(10.0, device="cuda:0")
+        with pytest.raises(RuntimeError, match=r"same device as the indexed tensor \(cuda:0\)"):
+            on0[torch.tensor([1], device="cuda:1")]
+        assert on0[torch.tensor([1, 2])].device == torch.device("cuda", 0)  # CPU indices are fine
+
+
+def test_cpu_scalars_are_refused_where_cuda_refuses_them():
+    with virtual_gpus("1x64MiB"):
+        loss = torch.tensor(1.5, device="cuda:0")
+        with pytest.raises(RuntimeError, match="cuda:0 and cpu!"):
+            torch.stack([loss, torch.tensor(0.5)])  # only elementwise kernels take a 0-dim CPU tensor
+        assert (loss * torch.tensor(2.0)).device == torch.device("cuda", 0)
+        embedding = torch.nn.Embedding(10, 4).cuda()
+        with pytest.raises(RuntimeError, match="cuda:0 and cpu!"):
+            embedding(torch.tensor(3))
+
+
+def test_a_list_of_card_scalars_makes_a_cpu_tensor_and_a_card_tensor_copy_stays():
+    with virtual_gpus("1x64MiB"):
+        a = torch.ones(3, device="cuda:0")
+        assert torch.tensor([a.max(), a.min()]).device.type == "cpu"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's advice to use clone()
+            assert torch.tensor(a).device == torch.device("cuda", 0)
+
+
+def test_resize_keeps_the_cards_count():
+    with virtual_gpus("1x64MiB"):
+        grown = torch.empty(0, device="cuda:0").resize_(MiB // 4)  # float32: 1 MiB
+        assert torch.cuda.memory_allocated(0) == MiB
+        with pytest.raises(torch.OutOfMemoryError):
+            grown.resize_(64 * MiB)
+        del grown
+        assert torch.cuda.memory_allocated(0) == 0
+
+
+def test_data_parallel_is_not_simulated():
+    with virtual_gpus("2x64MiB"):
+        with pytest.raises(NotSimulatedError, match="torch.nn.DataParallel"):
+            torch.nn.DataParallel(torch.nn.Linear(2, 2).cuda())

@@ -290,6 +290,8 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
             if hasattr(torch.accelerator, name)
         ]
     targets.append((torch, "compile", _eager_compile))
+    # one process driving several cards through NCCL-less scatter/gather (torch._C._scatter is CUDA-only)
+    targets.append((torch.nn.DataParallel, "__init__", _not_simulated_function("torch.nn.DataParallel")))
     autocast = torch.amp.autocast_mode.autocast
     targets.append((autocast, "__init__", _autocast_guard(autocast.__init__)))
     import torch.utils.checkpoint as checkpoint

@@ -27,6 +27,7 @@ from .tensor import (
     adopt_outputs,
     charge,
     mixed_devices_error,
+    recharge,
     release_to_cpu,
     to_plain,
 )
@@ -363,12 +364,80 @@ def _run_backward(fleet, tensors, grad_tensors, a, inputs):
     return None
 
 
+def _index_devices(value) -> list:
+    """The tensors of an index argument (a tensor, or a tuple/list of tensors, slices, None, ints)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
 # Calls where CUDA accepts CPU tensors next to cuda ones: indexing with CPU indices, assigning CPU values.
 def _mixed_ok(fleet, func, args, kwargs):
-    out = func(*args, **kwargs)
     first = args[0] if args else None
-    if type(first) in _CARD_OF:
-        adopt_outputs(out, first._index, args)
+    card = _CARD_OF.get(type(first))
+    if func is not _Tensor.copy_ and len(args) > 1:
+        # CUDA's rule for indices: on the CPU or on the indexed tensor's own device
+        where = f"cuda:{card}" if card is not None else str(first.device) if isinstance(first, torch.Tensor) else None
+        for index in _index_devices(args[1]):
+            index_card = _CARD_OF.get(type(index))
+            if index_card is not None and index_card != card:
+                raise RuntimeError(
+                    f"indices should be either on cpu or on the same device as the indexed tensor ({where})"
+                )
+    out = func(*args, **kwargs)
+    if card is not None:
+        adopt_outputs(out, card, args)
+    return out
+
+
+def _no_cpu_scalars(fleet, func, args, kwargs):
+    """Calls that are not elementwise kernels (cat, stack, index_select, embedding): CUDA refuses a 0-dim CPU
+    tensor next to cuda ones there too."""
+    index, plain = -1, None
+    for value in (*args, *kwargs.values()):
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            card = _CARD_OF.get(type(item))
+            if card is not None:
+                if index >= 0 and card != index:
+                    raise mixed_devices_error(f"cuda:{index}", f"cuda:{card}")
+                index = card
+            elif plain is None and isinstance(item, torch.Tensor):
+                plain = item
+    if index >= 0 and plain is not None:
+        raise mixed_devices_error(f"cuda:{index}", str(plain.device))
+    out = func(*args, **kwargs)
+    if index >= 0:
+        adopt_outputs(out, index, args)
+    return out
+
+
+def _resize(fleet, func, args, kwargs):
+    """``resize_`` / ``resize_as_`` on a card tensor: the card's count follows the storage's new size."""
+    tensor = args[0]
+    card = _CARD_OF.get(type(tensor))
+    if card is None or _tensor_module.active_fleet is None:
+        return func(*args, **kwargs)
+    storage = tensor.untyped_storage()
+    before = (storage.data_ptr(), storage.nbytes())
+    out = func(*args, **kwargs)
+    storage = tensor.untyped_storage()
+    if (storage.data_ptr(), storage.nbytes()) != before:
+        recharge(tensor, card, before[0])
+    return out
+
+
+def _tensor(fleet, func, args, kwargs):
+    """``torch.tensor(data)`` without ``device=``: a copy of a card tensor stays on its card (as on CUDA); a
+    new tensor built from a list of values (``item()`` of card scalars) is a CPU tensor."""
+    if "device" in kwargs:
+        return _factory(fleet, func, args, kwargs)
+    out = func(*args, **kwargs)
+    data = args[0] if args else kwargs.get("data")
+    card = _CARD_OF.get(type(data))
+    if card is not None and isinstance(out, torch.Tensor) and out is not data:
+        adopt(out, card)
     return out
 
 
@@ -429,6 +498,12 @@ _HANDLERS = {
     torch.device: _device,
     torch._C._nn._parse_to: _parse_to,
 }
+for _func in (torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack, torch.vstack, torch.dstack,
+              torch.index_select, _Tensor.index_select, torch.nn.functional.embedding, torch.embedding):
+    _HANDLERS[_func] = _no_cpu_scalars
+_HANDLERS[torch.tensor] = _tensor
+_HANDLERS[_Tensor.resize_] = _resize
+_HANDLERS[_Tensor.resize_as_] = _resize
 _HANDLERS[torch._has_compatible_shallow_copy_type] = lambda fleet, func, args, kwargs: func(*args, **kwargs)
 for _func in (_Tensor.__getitem__, _Tensor.__setitem__, _Tensor.index_put_, _Tensor.index_put, torch.index_put,
               _Tensor.copy_):
@@ -444,8 +519,9 @@ def _classify(func) -> Any:
     handler = _HANDLERS.get(func)
     if handler is not None:
         return handler
-    if getattr(func, "__name__", "").startswith("_foreach_"):
-        return _foreach
+    name = getattr(func, "__name__", "")
+    if name.startswith("_foreach_") or name.startswith("_fused_"):
+        return _foreach  # fused optimizers take the same per-position lists (grouped by real device: the CPU)
     return None
 
 

@@ -210,6 +210,21 @@ def charge(tensor: torch.Tensor, index: int, fresh: bool = False) -> None:
         entry.index, entry.rounded = index, rounded
 
 
+def recharge(tensor: torch.Tensor, index: int, old_ptr: int) -> None:
+    """After ``resize_`` moved or resized a card tensor's storage: charge its new size (past the card's
+    capacity: CUDA's OOM, the old charge kept), then give the old bytes back."""
+    storage = tensor.untyped_storage()
+    ptr = storage.data_ptr()
+    fleet = active_fleet
+    rounded = fleet.allocate(index, storage.nbytes()) if ptr else 0
+    old = _charged.get(old_ptr)
+    if old is not None:
+        _settle(old)
+    if ptr:
+        entry = _charged[ptr] = _Charge(storage, _release)
+        entry.fleet, entry.ptr, entry.index, entry.rounded, entry.live = fleet, ptr, index, rounded, True
+
+
 class _Charge(weakref.ref):
     """A charged storage: when it dies, its bytes go back to its card. (Made with the plain ``weakref.ref``
     constructor and given its fields after: no Python ``__init__`` on this path, it runs for every new tensor.)"""
