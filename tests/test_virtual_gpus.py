@@ -652,3 +652,36 @@ def test_data_parallel_is_not_simulated():
     with virtual_gpus("2x64MiB"):
         with pytest.raises(NotSimulatedError, match="torch.nn.DataParallel"):
             torch.nn.DataParallel(torch.nn.Linear(2, 2).cuda())
+
+
+def test_deepcopy_of_a_parameter_copies_its_gradient_onto_the_card():
+    import copy
+
+    with virtual_gpus("2x64MiB"):
+        lin = torch.nn.Linear(4, 4).cuda(1)
+        lin(torch.randn(2, 4, device="cuda:1")).sum().backward()  # the gradient is not read before the copy
+        before = torch.cuda.memory_allocated(1)
+        twin = copy.deepcopy(lin.weight)
+        assert torch.cuda.memory_allocated(1) - before == 2 * 512  # the weight and its gradient, both charged
+        assert twin.grad.device == torch.device("cuda", 1) and torch.equal(twin.grad.cpu(), lin.weight.grad.cpu())
+
+
+def test_custom_backward_code_may_combine_gradients_with_card_tensors():
+    """Inside a backward, gradients are plain objects until read (README): cat/stack there is no device mix."""
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return torch.stack([grad, x]).sum(0) - x + grad
+
+    x = torch.arange(3.0, requires_grad=True)
+    with virtual_gpus("1x64MiB"):
+        on_card = x.cuda()
+        Twice.apply(on_card).sum().backward()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]

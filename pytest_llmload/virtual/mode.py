@@ -112,16 +112,9 @@ def move(fleet, tensor: torch.Tensor, device: Any, dtype=None, copy=False, memor
 
 
 def _to(fleet, func, args, kwargs):
-    tensor = args[0]
-    if type(tensor) in _CARD_OF and len(args) == 2 and (not kwargs or (len(kwargs) == 1 and "non_blocking" in kwargs)):
-        # accelerate's hooks send every module input to its device: mostly where it already is
-        device = args[1]
-        if type(device) is torch.device and device.type == "cuda" and device.index == tensor._index:
-            return tensor
-        if type(device) is int and device == tensor._index:
-            return tensor
-        if type(device) is torch.dtype and not kwargs:  # a dtype change stays on the card
-            return _same_card(tensor, func(tensor, device))
+    tensor = args[0]  # (a same-card .to() was answered by VirtualTensor.to without coming here)
+    if type(tensor) in _CARD_OF and len(args) == 2 and not kwargs and type(args[1]) is torch.dtype:
+        return _same_card(tensor, func(tensor, args[1]))  # a dtype change stays on the card
     rest = list(args[1:])
     kwargs = dict(kwargs)
     copy = kwargs.pop("copy", False)
@@ -285,8 +278,11 @@ def _deepcopy(fleet, func, args, kwargs):
     state = {k: v for k, v in vars(tensor).items() if k != "_index"}
     for name, value in _copy.deepcopy(state, memo).items():
         setattr(new, name, value)
-    if tensor.grad is not None:
-        new.grad = _copy.deepcopy(tensor.grad, memo)
+    grad = tensor.grad  # (read with the mode off: a gradient autograd made may still be a plain object)
+    if grad is not None:
+        if type(grad) is _Tensor:
+            adopt(grad, tensor._index)  # a parameter's gradient lives on its card
+        new.grad = _deepcopy(fleet, func, (grad, memo), {})
     return new
 
 
@@ -395,22 +391,7 @@ def _mixed_ok(fleet, func, args, kwargs):
 def _no_cpu_scalars(fleet, func, args, kwargs):
     """Calls that are not elementwise kernels (cat, stack, index_select, embedding): CUDA refuses a 0-dim CPU
     tensor next to cuda ones there too."""
-    index, plain = -1, None
-    for value in (*args, *kwargs.values()):
-        for item in value if isinstance(value, (list, tuple)) else (value,):
-            card = _CARD_OF.get(type(item))
-            if card is not None:
-                if index >= 0 and card != index:
-                    raise mixed_devices_error(f"cuda:{index}", f"cuda:{card}")
-                index = card
-            elif plain is None and isinstance(item, torch.Tensor):
-                plain = item
-    if index >= 0 and plain is not None:
-        raise mixed_devices_error(f"cuda:{index}", str(plain.device))
-    out = func(*args, **kwargs)
-    if index >= 0:
-        adopt_outputs(out, index, args)
-    return out
+    return _generic(fleet, func, args, kwargs, scalars_ok=False)
 
 
 def _resize(fleet, func, args, kwargs):
@@ -469,8 +450,8 @@ def _foreach(fleet, func, args, kwargs):
     return out
 
 
-def _generic(fleet, func, args, kwargs):
-    index = _check_devices(args, kwargs, False)
+def _generic(fleet, func, args, kwargs, scalars_ok: bool = True):
+    index = _check_devices(args, kwargs, getattr(fleet.thread_state, "strict", True), scalars_ok)
     out = func(*args, **kwargs)
     if index >= 0:
         adopt_outputs(out, index, args)
@@ -525,28 +506,21 @@ def _classify(func) -> Any:
     return None
 
 
-def _check_devices(args, kwargs, strict: bool = True) -> int:
-    """CUDA's rule for a call: tensors on one card, except 0-dim CPU tensors. Returns the card (-1: none).
-    (Checked at the Python call: below it, C++ composites make CPU temporaries from a card tensor.)"""
+def _check_devices(args, kwargs, strict: bool = True, scalars_ok: bool = True) -> int:
+    """CUDA's rule for a call: tensors on one card, except (``scalars_ok``, elementwise kernels) 0-dim CPU
+    tensors. Returns the card (-1: none). (Checked at the Python call: below it, C++ composites make CPU
+    temporaries from a card tensor.) ``strict=False``: plain tensors are no mix (autograd's gradients)."""
     index, plain = -1, None
     for value in (*args, *kwargs.values()) if kwargs else args:
-        kind = type(value)
-        if kind in _CARD_OF:
-            if value._index != index:
-                if index >= 0:
-                    raise mixed_devices_error(f"cuda:{index}", f"cuda:{value._index}")
-                index = value._index
-        elif kind is list or kind is tuple:
-            for item in value:
-                if type(item) in _CARD_OF:
-                    if item._index != index:
-                        if index >= 0:
-                            raise mixed_devices_error(f"cuda:{index}", f"cuda:{item._index}")
-                        index = item._index
-                elif plain is None and isinstance(item, torch.Tensor) and item.dim() != 0:
-                    plain = item
-        elif plain is None and isinstance(value, torch.Tensor) and value.dim() != 0:
-            plain = value
+        for item in value if type(value) is list or type(value) is tuple else (value,):
+            card = _card_get(type(item))
+            if card is not None:
+                if card != index:
+                    if index >= 0:
+                        raise mixed_devices_error(f"cuda:{index}", f"cuda:{card}")
+                    index = card
+            elif plain is None and isinstance(item, torch.Tensor) and (not scalars_ok or item.dim() != 0):
+                plain = item
     if index >= 0 and plain is not None and strict:
         raise mixed_devices_error(f"cuda:{index}", str(plain.device))
     return index
@@ -565,11 +539,14 @@ class VirtualDeviceMode(TorchFunctionMode):
     def __enter__(self):
         state = self.fleet.thread_state
         state.mode_depth = getattr(state, "mode_depth", 0) + 1
+        self._outer_strict = getattr(state, "strict", True)
+        state.strict = self.strict  # handlers (mode popped while they run) read it here
         return super().__enter__()
 
     def __exit__(self, *exc):
         state = self.fleet.thread_state
         state.mode_depth = getattr(state, "mode_depth", 1) - 1
+        state.strict = self._outer_strict
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

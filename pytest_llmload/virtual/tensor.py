@@ -201,9 +201,7 @@ def charge(tensor: torch.Tensor, index: int, fresh: bool = False) -> None:
         return
     entry = _charged.get(ptr)
     if entry is None:
-        rounded = fleet.allocate(index, storage.nbytes())
-        entry = _charged[ptr] = _Charge(storage, _release)
-        entry.fleet, entry.ptr, entry.index, entry.rounded, entry.live = fleet, ptr, index, rounded, True
+        _new_charge(storage, fleet, ptr, index, fleet.allocate(index, storage.nbytes()))
     elif fresh and entry.index != index and entry.fleet is fleet:
         rounded = fleet.allocate(index, storage.nbytes())
         fleet.free(entry.index, entry.rounded)
@@ -221,8 +219,12 @@ def recharge(tensor: torch.Tensor, index: int, old_ptr: int) -> None:
     if old is not None:
         _settle(old)
     if ptr:
-        entry = _charged[ptr] = _Charge(storage, _release)
-        entry.fleet, entry.ptr, entry.index, entry.rounded, entry.live = fleet, ptr, index, rounded, True
+        _new_charge(storage, fleet, ptr, index, rounded)
+
+
+def _new_charge(storage, fleet: Fleet, ptr: int, index: int, rounded: int) -> None:
+    entry = _charged[ptr] = _Charge(storage, _settle)
+    entry.fleet, entry.ptr, entry.index, entry.rounded, entry.live = fleet, ptr, index, rounded, True
 
 
 class _Charge(weakref.ref):
@@ -233,15 +235,13 @@ class _Charge(weakref.ref):
 
 
 def _settle(entry: _Charge) -> None:
-    """Give a dead (or handed back) storage's bytes back to its card, once."""
+    """Give a dead (the weakref's callback) or handed back storage's bytes back to its card, once."""
     if entry.live:
         entry.live = False
         entry.fleet.free(entry.index, entry.rounded)
     if _charged.get(entry.ptr) is entry:
         del _charged[entry.ptr]
 
-
-_release = _settle
 
 
 def release_to_cpu(tensor: torch.Tensor) -> torch.Tensor:
