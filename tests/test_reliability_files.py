@@ -7,10 +7,12 @@ import glob
 import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -104,12 +106,42 @@ class FifoWatch:
                 fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)  # succeeds only while a reader has it open
             except OSError:
                 continue
-            self.opened = True
-            os.close(fd)  # the blocked reader gets end-of-file instead of hanging the suite
+            try:
+                # once the code under test has replaced the FIFO with a regular file, a write-open succeeds
+                # without any reader: only an open FIFO counts
+                if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                    self.opened = True
+            finally:
+                os.close(fd)  # the blocked reader gets end-of-file instead of hanging the suite
 
     def stop(self):
         self._stop.set()
         self._thread.join()
+
+
+def test_fifo_watch_counts_a_reader_and_not_a_regular_file_put_in_its_place(tmp_path):
+    # the watch itself: a reader of the FIFO is seen; the FIFO replaced by a regular file is no reader
+    # (CI once saw a rebuild that replaced the FIFO counted as an open)
+    seen = FifoWatch(tmp_path / "read")
+    try:
+        fd = os.open(tmp_path / "read", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            deadline = time.monotonic() + 10
+            while not seen.opened and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            os.close(fd)
+    finally:
+        seen.stop()
+    assert seen.opened
+    replaced = FifoWatch(tmp_path / "replaced")
+    try:
+        (tmp_path / "replaced").unlink()
+        (tmp_path / "replaced").write_text("{}")
+        time.sleep(0.3)  # several rounds of the watch
+    finally:
+        replaced.stop()
+    assert not replaced.opened
 
 
 # -- 2. cleanup removes only what it can prove is its own --------------------------------------------------
