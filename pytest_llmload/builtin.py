@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,15 +125,65 @@ def builtin_path(name: str) -> Path:
     target = cache_root() / "builtin" / f"{name}-{_fingerprint(model)}"
     if _is_complete(target):
         return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(_cache_dir_problem(target.parent, exc)) from None
+    # One builder at a time per cache folder: without the lock, a process that found the copy missing
+    # could delete the one another process renamed into place a moment later, while that one loads it.
+    with _build_lock(target.parent):
+        if _is_complete(target):  # built by another process while this one waited
+            return target
+        return _build(model, target)
+
+
+BUILD_LOCK_TIMEOUT = 300.0  # seconds to wait for another process building into the same cache folder
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """Hold an exclusive ``flock`` on the cache folder itself (no lock file is left behind) while building.
+
+    Where the filesystem cannot lock a directory (NFS emulates flock with write locks) or there is no
+    flock (Windows), builders are not serialized; each still writes a staging copy and renames it."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise ModelLoadError(_cache_dir_problem(folder, exc)) from None
+    try:
+        deadline = time.monotonic() + BUILD_LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ModelLoadError(
+                        f"another process has been building the built-in checkpoints in {folder} for over "
+                        f"{BUILD_LOCK_TIMEOUT:g} s (it holds a lock on that folder); stop it or point "
+                        "LLMLOAD_CACHE_DIR at another directory") from None
+                time.sleep(0.05)
+            except OSError:
+                break  # no directory locks here: build unserialized, as without flock
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
+def _build(model: BuiltinModel, target: Path) -> Path:
     from .ownership import owned_folder, release_owned_folder, remove_owned_folder, sweep_dead_staging
 
     try:
         if target.exists():  # damaged (files removed or truncated after it was written): rebuild
             shutil.rmtree(target, ignore_errors=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
         sweep_dead_staging(target.parent)  # half-written copies of processes that died mid-write
         # The staging folder carries a marker locked while this process lives, so no one else sweeps it.
-        staging = Path(owned_folder(prefix=f".{name}-{os.getpid()}-", dir=target.parent))
+        staging = Path(owned_folder(prefix=f".{model.name}-{os.getpid()}-", dir=target.parent))
     except OSError as exc:
         raise ModelLoadError(_cache_dir_problem(target.parent, exc)) from None
     try:

@@ -83,3 +83,55 @@ def test_start_up_knows_every_built_in_by_name():
     from pytest_llmload.specs import BUILTIN_NAMES
 
     assert tuple(BUILTIN_MODELS) == BUILTIN_NAMES
+
+
+def test_a_copy_another_process_renamed_into_place_meanwhile_is_not_deleted(fresh_cache, monkeypatch):
+    # The interleaving: this process finds the copy missing, then another renames its finished copy into
+    # place and loads it. This process used to delete that copy (under the other's feet) and build again.
+    from pytest_llmload import builtin
+
+    path = builtin_path("tiny-gpt2")
+    real, checks = builtin._is_complete, []
+
+    def missing_at_first_look(p):
+        checks.append(p)
+        return False if len(checks) == 1 else real(p)
+
+    monkeypatch.setattr(builtin, "_is_complete", missing_at_first_look)
+    with open(path / "model.safetensors", "rb") as held:  # the other process, loading its copy
+        assert builtin_path("tiny-gpt2") == path
+        assert os.fstat(held.fileno()).st_nlink == 1  # still the file at that path: not deleted
+    assert os.listdir(path.parent) == [path.name]
+
+
+def test_a_builder_waits_for_another_building_into_the_same_cache(fresh_cache, monkeypatch):
+    import fcntl
+    import threading
+
+    from pytest_llmload import builtin
+
+    folder = fresh_cache / "builtin"
+    folder.mkdir(parents=True)
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held as another process building there would
+    done = []
+    worker = threading.Thread(target=lambda: done.append(builtin_path("tiny-gpt2")))
+    try:
+        worker.start()
+        worker.join(1.0)
+        assert not done and not any(folder.iterdir())  # waiting, writing nothing
+    finally:
+        os.close(fd)
+    worker.join(120)
+    assert done and builtin._is_complete(done[0])
+    monkeypatch.setattr(builtin, "BUILD_LOCK_TIMEOUT", 0.2)
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        (done[0] / MANIFEST).unlink()
+        with pytest.raises(builtin.ModelLoadError) as caught:
+            builtin_path("tiny-gpt2")
+    finally:
+        os.close(fd)
+    message = str(caught.value)
+    assert "\n" not in message and str(folder) in message and "over 0.2 s" in message
