@@ -45,16 +45,23 @@ class _RssSampler(threading.Thread):
     def __init__(self, interval: float = 0.001):
         super().__init__(daemon=True)
         self.interval, self.peak, self._stop_event = interval, _rss(), threading.Event()
+        self._lock = threading.Lock()
+
+    def observe(self, rss: int) -> int:
+        """Take ``rss`` into the peak (from the sampling thread or a reader) and return the peak."""
+        with self._lock:
+            self.peak = max(self.peak, rss)
+            return self.peak
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, _rss())
+            self.observe(_rss())
             self._stop_event.wait(self.interval)
 
     def stop(self) -> int:
         self._stop_event.set()
         self.join()
-        return max(self.peak, _rss())
+        return self.observe(_rss())
 
 
 class _NoSampler:
@@ -63,6 +70,10 @@ class _NoSampler:
 
     def start(self) -> None:
         return None
+
+    def observe(self, rss: int) -> int:
+        self.peak = max(self.peak, rss)
+        return self.peak
 
     def stop(self) -> int:
         return self.peak
@@ -107,7 +118,7 @@ class MemoryTracker:
         """Fill :attr:`usage` with the peaks so far (the tracker keeps running)."""
         if self._sampler is None:
             return self.usage
-        self._fill(max(self._sampler.peak, _rss()))
+        self._fill(self._sampler.observe(_rss()))  # kept: a peak a reader saw is a peak of the whole run
         return self.usage
 
     def stop(self) -> MemoryUsage:

@@ -114,6 +114,20 @@ def test_track_memory_sees_a_cpu_allocation():
     assert usage.gpu_allocated_peak == {}  # no CUDA here
 
 
+def test_a_peak_read_during_the_run_is_kept_when_the_sampler_missed_it(monkeypatch):
+    # the sampling thread may get no CPU while a short-lived block is alive (a loaded CI machine):
+    # what snapshot() read is then the only sight of that peak, and stop() must not lose it
+    from pytest_llmload import memory
+
+    monkeypatch.setattr(memory._RssSampler, "run", lambda self: self._stop_event.wait())  # never samples
+    tracker = memory.MemoryTracker().start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB
+    seen = tracker.snapshot().cpu_peak_delta
+    del block
+    assert seen >= 48 * 2**20
+    assert tracker.stop().cpu_peak_delta >= seen
+
+
 def test_llm_memory_fixture(pytester):
     pytester.makepyfile("""
         import torch
