@@ -127,7 +127,7 @@ def test_rank_loads_merge_into_one_cell_with_every_ranks_bytes():
     assert (cell["loads"], cell["tests"], cell["workers"]) == (2, 2, ["rank0", "rank1"])
 
 
-def _ranks_check_in(steps: dict[int, list[str]], timeout: float = 2.0) -> dict[int, list]:
+def _ranks_check_in(steps: dict[int, list[str]], timeout: float = 60.0) -> dict[int, list]:
     """Run the lockstep protocol for each rank in a thread over one in-process store."""
     import torch.distributed as dist
 
@@ -169,6 +169,22 @@ def test_lockstep_names_the_rank_that_did_not_arrive_and_stops_it_when_it_does()
     assert line.startswith("llmload: rank 1 did not reach a::t1 within 0.2 s")
     assert "rank 1 last failed a::t1 (call): AssertionError" in line
     assert late.checkin("a::t1") == line  # the late rank stops with the same line
+
+
+def test_a_rank_reporting_a_timed_out_collective_is_waited_for_even_with_a_short_timeout():
+    # rank 0 sat in a collective for the whole (short) timeout, then spends a moment reporting the failure:
+    # rank 1, which checked in at once, must still wait for it instead of blaming rank 0 for not arriving
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    waiting = Lockstep(store, World(1, 2, 1), 0.2)
+    reporting = Lockstep(store, World(0, 2, 0), 0.2)
+    late = threading.Timer(0.2 + 0.6, lambda: reporting.checkin("a::t2"))  # past timeout + min(timeout, 10)
+    late.start()
+    try:
+        assert waiting.checkin("a::t2") is None
+    finally:
+        late.join(30)
 
 
 # -- without a launcher (in-process pytester runs) -----------------------------------------------------
@@ -360,7 +376,7 @@ def test_with_a_collective(llm_dist):
 def test_a_test_failing_on_one_rank_ends_the_run_in_bounded_time_naming_the_rank(pytester):
     pytester.makepyfile(test_lockstep=LOCKSTEP)
     [run] = _launch([_torchrun("--nproc-per-node", "2", "--master-port", str(_free_port()),
-                               *_pytest("--llm-dist-timeout=3", "test_lockstep.py"))], pytester.path)
+                               *_pytest("--llm-dist-timeout=6", "test_lockstep.py"))], pytester.path)
     output = run.stdout
     assert run.returncode != 0
     assert "[rank 1] FAILED test_lockstep.py::test_fails_on_rank_1_only - AssertionError: only rank 1 fails" \

@@ -93,6 +93,9 @@ def failure_line(rank: int, report) -> str:
 
 # -- the store protocol ------------------------------------------------------------------------------
 
+REPORT_GRACE = 10.0  # seconds a rank may take, after a collective timed out, to report and arrive
+
+
 class Lockstep:
     """Check-ins through the process group's key-value store (a ``torch.distributed.Store``)."""
 
@@ -100,8 +103,11 @@ class Lockstep:
         self.store = store
         self.world = world
         self.timeout = timeout
-        # A rank stuck in a test's collective fails it after ``timeout`` and then arrives: wait that long too.
-        self.grace = min(timeout, 10.0) if grace is None else grace
+        # A rank stuck in a test's collective fails it after ``timeout`` and then needs time to report that
+        # (pytest formats the traceback) before it arrives: the others wait ``timeout + grace``. The grace
+        # covers the reporting, so it does not shrink with a short timeout (it once was min(timeout, 10):
+        # with a 3 s timeout, a loaded machine took longer than 3 s to report and the wrong rank was blamed).
+        self.grace = REPORT_GRACE if grace is None else grace
         self.seq = 0
         self.stopped: str | None = None
 
