@@ -485,8 +485,8 @@ def bench_tp(bench):
                             check=True, env={**env, "OMP_NUM_THREADS": "2"}, timeout=900).stdout
     script = bench.work / "tp_bench.py"
     script.write_text(TP_SCRIPT)
-    launched = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                               str(_free_port()), str(script), str(checkpoint), "tp", rounds],
+    launched = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               str(script), str(checkpoint), "tp", rounds],
                               capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=900)
     if launched.returncode != 0:
         raise RuntimeError(f"tp benchmark failed:\n{launched.stdout[-3000:]}\n{launched.stderr[-3000:]}")
@@ -499,14 +499,6 @@ def bench_tp(bench):
               note="gloo on 2 cores; for the record, no target")
     bench.add("tp: lockstep check per test (rank 0)", "ms", [c * 1000 for c in tp["lockstep"]],
               target=lambda v: v < 5, target_text="< 5 ms", note="300 check-ins through the store")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 

@@ -337,7 +337,7 @@ def test_no_plan(llm_model):
 def test_tp_and_process_cells_under_torchrun_with_one_merged_report(pytester):
     pytester.makepyfile(test_suite=SUITE)
     report = pytester.path / "report.json"
-    [run] = _launch([_torchrun("--nproc-per-node", "2", "--master-port", str(_free_port()),
+    [run] = _launch([_torchrun("--standalone", "--nproc-per-node", "2",
                                *_pytest(f"--llm-report={report}", "test_suite.py"))], pytester.path)
     output = run.stdout
     assert run.returncode == 0, output[-6000:]
@@ -375,7 +375,7 @@ def test_with_a_collective(llm_dist):
 
 def test_a_test_failing_on_one_rank_ends_the_run_in_bounded_time_naming_the_rank(pytester):
     pytester.makepyfile(test_lockstep=LOCKSTEP)
-    [run] = _launch([_torchrun("--nproc-per-node", "2", "--master-port", str(_free_port()),
+    [run] = _launch([_torchrun("--standalone", "--nproc-per-node", "2",
                                *_pytest("--llm-dist-timeout=6", "test_lockstep.py"))], pytester.path)
     output = run.stdout
     assert run.returncode != 0
