@@ -570,42 +570,36 @@ def bench_cli(bench):
               note=heavy.replace("HEAVY", "imported:"))
 
 
+STEPS = (("startup", bench_startup), ("load", bench_load), ("reuse", bench_reuse), ("release", bench_release),
+         ("planner", bench_planner), ("strategies", bench_strategies), ("virtual", bench_virtual),
+         ("tp", bench_tp), ("xdist", bench_xdist), ("process", bench_load_process), ("cli", bench_cli))  # run order
+_CHECKPOINT_STEPS = {"load", "reuse", "release", "virtual", "process"}  # steps that time the shared checkpoint
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, fewer runs (a smoke test)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--repeat", type=int, help="runs per figure (default 5; 2 with --quick)")
-    parser.add_argument("--only", help="comma-separated: startup,load,reuse,release,planner,strategies,virtual,tp,xdist,process,cli")
+    names = [name for name, _ in STEPS]
+    parser.add_argument("--only", help=f"comma-separated: {','.join(names)}")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (2 if args.quick else 5)
     bench = Bench(args)
-    wanted = set((args.only or "startup,load,reuse,release,planner,strategies,virtual,tp,xdist,process,cli").split(","))
+    wanted = set(args.only.split(",")) if args.only else set(names)
+    unknown = sorted(wanted - set(names))
+    if unknown:
+        parser.error(f"unknown --only step(s) {','.join(unknown)!r}; expected some of {','.join(names)}")
     if not args.json:
         print(f"{'figure':<46} {'min':>9} {'median':>9} {'max':>9} unit", flush=True)
-    checkpoint = write_checkpoint(bench) if wanted & {"load", "reuse", "release", "virtual", "process"} else None
-    if "startup" in wanted:
-        bench_startup(bench)
-    if "load" in wanted:
-        bench_load(bench, checkpoint)
-    if "reuse" in wanted:
-        bench_reuse(bench, checkpoint)
-    if "release" in wanted:
-        bench_release(bench, checkpoint)
-    if "planner" in wanted:
-        bench_planner(bench)
-    if "strategies" in wanted:
-        bench_strategies(bench)
-    if "virtual" in wanted:
-        bench_virtual(bench, checkpoint)
-    if "tp" in wanted:
-        bench_tp(bench)
-    if "xdist" in wanted:
-        bench_xdist(bench)
-    if "process" in wanted:
-        bench_load_process(bench, checkpoint)
-    if "cli" in wanted:
-        bench_cli(bench)
+    checkpoint = write_checkpoint(bench) if wanted & _CHECKPOINT_STEPS else None
+    for name, step in STEPS:  # the ones that time loads get the shared checkpoint
+        if name in wanted:
+            if name in _CHECKPOINT_STEPS:
+                step(bench, checkpoint)
+            else:
+                step(bench)
     import shutil
 
     shutil.rmtree(bench.work, ignore_errors=True)

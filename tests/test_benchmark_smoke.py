@@ -28,3 +28,10 @@ def test_benchmark_runs_on_tiny_sizes():
     for workers in ("2", "4"):  # and 4 cells under xdist, each loaded by one worker
         row = next(r for r in data["rows"] if r["name"] == f"xdist -n {workers}: loads of 4 cells x 10 tests")
         assert row["median"] == 4 and row["met"], row
+
+
+def test_an_unknown_step_in_only_is_named_before_anything_runs():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--only", "virtual,virtaul"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "unknown --only step(s) 'virtaul'; expected some of startup,load," in out.stderr
