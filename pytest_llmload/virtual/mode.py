@@ -561,7 +561,8 @@ class VirtualDeviceMode(TorchFunctionMode):
             index = _check_devices(args, kwargs, self.strict)
             out = func(*args, **kwargs)
         else:
-            # the common case, inline: every call of a forward pass comes through here
+            # the common case: _check_devices' rule for positional args written out here (no Python call per
+            # torch call), since every call of a forward pass comes through here
             index, plain = -1, None
             for value in args:
                 card = _card_get(type(value))
