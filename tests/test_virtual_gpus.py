@@ -124,6 +124,15 @@ def test_cuda_visible_devices_is_honoured(monkeypatch):
         assert not torch.cuda.is_available()
 
 
+@pytest.mark.parametrize("value, sizes", [("1,0", [16, 24]), ("0,\u00b2", [24]), ("\u0663", []), (" 1 , x,0", [16])])
+def test_cuda_visible_devices_ends_at_the_first_entry_that_is_no_card_number(monkeypatch, value, sizes):
+    # "²" and "٣" pass str.isdigit(); int("²") raised ValueError out of the fleet's start, "٣" was read as 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    with virtual_gpus("24GiB,16GiB,8GiB,4GiB"):
+        assert [torch.cuda.get_device_properties(i).total_memory // GiB
+                for i in range(torch.cuda.device_count())] == sizes
+
+
 # ---------------------------------------------------------------- values and devices
 
 

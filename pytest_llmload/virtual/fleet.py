@@ -12,7 +12,8 @@ import weakref
 from dataclasses import dataclass, field
 
 from ..errors import LLMLoadUsageError
-from ..sizes import parse_size
+from ..sizes import format_size, parse_size
+from ..specs import is_whole_number
 
 DEFAULT_CAPABILITY = (8, 0)
 DEFAULT_NAME = "Virtual GPU (CPU)"
@@ -72,25 +73,23 @@ def parse_virtual_spec(spec: object, name: str | None = None) -> list[CardSpec]:
 
 def describe_fleet(cards: list[CardSpec]) -> str:
     """``2x64.0 MiB`` or ``24.0 GiB,16.0 GiB`` (the header's words for a fleet)."""
-    from ..sizes import format_size
-
     sizes = [format_size(card.total_memory) for card in cards]
     if len(set(sizes)) == 1:
         return f"{len(sizes)}x{sizes[0]}"
     return ",".join(sizes)
 
 
-def visible_ordinals(count: int, env: str | None = None) -> list[int]:
+def visible_ordinals(count: int) -> list[int]:
     """Physical cards that CUDA_VISIBLE_DEVICES exposes, in the order it names them (CUDA's rules:
     the list ends at the first entry that is not a card of this machine)."""
-    value = os.environ.get("CUDA_VISIBLE_DEVICES") if env is None else env
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
     if value is None:
         return list(range(count))
     ordinals: list[int] = []
     for part in value.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) >= count or int(part) in ordinals:
-            break
+        if not is_whole_number(part) or int(part) >= count or int(part) in ordinals:
+            break  # "²" and "٣" pass str.isdigit but are no card numbers
         ordinals.append(int(part))
     return ordinals
 
@@ -126,7 +125,6 @@ class Card:
     """A visible virtual card and its allocation counters (bytes)."""
 
     spec: CardSpec
-    physical_index: int
     allocated: int = 0
     peak_allocated: int = 0
     reserved: int = 0
@@ -152,7 +150,7 @@ class Fleet:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.cards = [Card(self.specs[i], i) for i in visible_ordinals(len(self.specs))]
+        self.cards = [Card(self.specs[i]) for i in visible_ordinals(len(self.specs))]
         self.thread_state = threading.local()
         _live_fleets.add(self)
 
