@@ -557,6 +557,17 @@ def test_autograd_grad_returns_gradients_on_their_inputs_cards():
         assert ga.cpu().tolist() == [3.0] * 3 and gb.cpu().tolist() == [4.0] * 3
 
 
+def test_autograd_grad_materializes_unused_gradients_as_zeros_on_their_cards():
+    with virtual_gpus("2x64MiB"):
+        a = torch.ones(3, device="cuda:0", requires_grad=True)
+        unused = torch.ones(2, device="cuda:1", requires_grad=True)
+        ga, gu = torch.autograd.grad((a * 3).sum(), (a, unused), materialize_grads=True)
+        assert gu.device == torch.device("cuda", 1) and gu.cpu().tolist() == [0.0, 0.0]
+        assert ga.device == torch.device("cuda", 0) and ga.cpu().tolist() == [3.0] * 3
+        [only] = torch.autograd.grad((a * a).sum(), a)  # one tensor, not a sequence
+        assert only.device == torch.device("cuda", 0) and only.cpu().tolist() == [2.0] * 3
+
+
 def test_deepcopy_keeps_tensors_on_their_cards_and_save_writes_cpu_tensors(tmp_path):
     import copy
 

@@ -96,7 +96,7 @@ def virtual_gpus_now() -> list[GPU] | None:
     fleet = module.active_fleet() if module is not None else None
     if fleet is None:
         return None
-    return [GPU(i, c.spec.name, c.total_memory, max(c.total_memory - c.reserved, 0), c.spec.capability)
+    return [GPU(i, c.spec.name, c.total_memory, fleet.mem_get_info(i)[0], c.spec.capability)
             for i, c in enumerate(fleet.cards)]
 
 

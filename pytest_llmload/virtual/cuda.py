@@ -33,7 +33,7 @@ class VirtualDeviceProperties:
         )
 
 
-def card_index(fleet: Fleet, device: Any = None, optional: bool = True) -> int:
+def card_index(fleet: Fleet, device: Any = None) -> int:
     """CUDA's reading of a ``device`` argument: None -> current, int, 'cuda:1', torch.device."""
     if device is None:
         return fleet.current_device()
@@ -84,10 +84,13 @@ class DefaultStream:
 def cuda_replacements(fleet: Fleet) -> dict[str, Any]:
     """The ``torch.cuda`` attributes the fleet answers, by name."""
 
+    def card(device=None):
+        return fleet.cards[card_index(fleet, device)]
+
     def props(device=None) -> VirtualDeviceProperties:
-        card = fleet.cards[card_index(fleet, device)]
+        chosen = card(device)
         return VirtualDeviceProperties(
-            card.spec.name, card.total_memory, card.spec.capability[0], card.spec.capability[1]
+            chosen.spec.name, chosen.total_memory, chosen.spec.capability[0], chosen.spec.capability[1]
         )
 
     class device:
@@ -107,18 +110,15 @@ def cuda_replacements(fleet: Fleet) -> dict[str, Any]:
             return False
 
     def memory_stats(device=None) -> dict[str, int]:
-        card = fleet.cards[card_index(fleet, device)]
+        chosen = card(device)
         return {
-            "allocated_bytes.all.current": card.allocated,
-            "allocated_bytes.all.peak": card.peak_allocated,
-            "reserved_bytes.all.current": card.reserved,
-            "reserved_bytes.all.peak": card.peak_reserved,
-            "active_bytes.all.current": card.allocated,
-            "active_bytes.all.peak": card.peak_allocated,
+            "allocated_bytes.all.current": chosen.allocated,
+            "allocated_bytes.all.peak": chosen.peak_allocated,
+            "reserved_bytes.all.current": chosen.reserved,
+            "reserved_bytes.all.peak": chosen.peak_reserved,
+            "active_bytes.all.current": chosen.allocated,
+            "active_bytes.all.peak": chosen.peak_allocated,
         }
-
-    def card(device=None):
-        return fleet.cards[card_index(fleet, device)]
 
     def noop(*args, **kwargs) -> None:
         return None
@@ -137,7 +137,7 @@ def cuda_replacements(fleet: Fleet) -> dict[str, Any]:
         "mem_get_info": lambda device=None: fleet.mem_get_info(card_index(fleet, device)),
         "get_device_properties": props,
         "get_device_name": lambda device=None: props(device).name,
-        "get_device_capability": lambda device=None: (props(device).major, props(device).minor),
+        "get_device_capability": lambda device=None: card(device).spec.capability,
         "memory_allocated": lambda device=None: card(device).allocated,
         "max_memory_allocated": lambda device=None: card(device).peak_allocated,
         "memory_reserved": lambda device=None: card(device).reserved,
@@ -147,9 +147,9 @@ def cuda_replacements(fleet: Fleet) -> dict[str, Any]:
         "reset_max_memory_allocated": lambda device=None: fleet.reset_peak(card_index(fleet, device)),
         "is_bf16_supported": lambda including_emulation=True: bool(fleet.cards)
         and (including_emulation or props(0).major >= 8),
-        # Randomness on virtual cards comes from the CPU generator, which torch.manual_seed seeds.
         "current_stream": lambda device=None: DefaultStream(card_index(fleet, device)),
         "default_stream": lambda device=None: DefaultStream(card_index(fleet, device)),
+        # Randomness on virtual cards comes from the CPU generator, which torch.manual_seed seeds.
         "manual_seed": noop,
         "manual_seed_all": noop,
         "seed": noop,

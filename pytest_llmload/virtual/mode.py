@@ -112,7 +112,8 @@ def move(fleet, tensor: torch.Tensor, device: Any, dtype=None, copy=False, memor
 
 
 def _to(fleet, func, args, kwargs):
-    tensor = args[0]  # (a same-card .to() was answered by VirtualTensor.to without coming here)
+    tensor = args[0]  # (VirtualTensor.to answers a same-card .to(device) itself; .to('cuda:0'), .to(device=...)
+    # and .to(other) come here, and move() returns the tensor itself for them)
     if type(tensor) in _CARD_OF and len(args) == 2 and not kwargs and type(args[1]) is torch.dtype:
         return _same_card(tensor, func(tensor, args[1]))  # a dtype change stays on the card
     rest = list(args[1:])
@@ -205,11 +206,18 @@ def _factory(fleet, func, args, kwargs):
     out = func(*args, **{**kwargs, "device": _CPU if on_card else target})
     if not isinstance(out, torch.Tensor):
         return out
-    if type(out) in _CARD_OF or out.untyped_storage().data_ptr() in _storages(args):
-        # as_tensor/asarray may hand back their input itself; a tensor on another device is a copy (as on CUDA)
+    out = _not_an_input(out, args)
+    return adopt(out, target.index, fresh=True) if on_card else out
+
+
+def _not_an_input(out: torch.Tensor, inputs) -> torch.Tensor:
+    """``out``, or a plain copy of it where it is a card tensor or shares an input's storage (``as_tensor``,
+    ``asarray`` and ``new_tensor`` may hand back their input itself): a result on another device, or
+    made fresh, is a copy (as on CUDA)."""
+    if type(out) in _CARD_OF or out.untyped_storage().data_ptr() in _storages(inputs):
         with torch.no_grad():
             out = release_to_cpu(_Tensor.clone(out)) if type(out) in _CARD_OF else _Tensor.clone(out)
-    return adopt(out, target.index, fresh=True) if on_card else out
+    return out
 
 
 def _new_on_card(fleet, func, args, kwargs):
@@ -221,10 +229,7 @@ def _new_on_card(fleet, func, args, kwargs):
     out = func(*args, **kwargs)
     if type(tensor) not in _CARD_OF or not isinstance(out, torch.Tensor):
         return out
-    if type(out) in _CARD_OF or out.untyped_storage().data_ptr() in _storages(args[1:]):
-        with torch.no_grad():
-            out = release_to_cpu(_Tensor.clone(out)) if type(out) in _CARD_OF else _Tensor.clone(out)
-    return adopt(out, tensor._index, fresh=True)
+    return adopt(_not_an_input(out, args[1:]), tensor._index, fresh=True)
 
 
 def _type(fleet, func, args, kwargs):
@@ -308,23 +313,15 @@ def _backward(fleet, func, args, kwargs):
     the CPU build for CUDA. So the handler does what those functions do after their override check
     (``_make_grads``, ``_engine_run_backward``) with the fleet's mode pushed again, and ``AutogradOnCards``
     puts gradients on their cards."""
-    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
-    from torch.autograd.graph import _engine_run_backward
-
     a = _bound(func, args, kwargs)
     if func is torch.autograd.grad:
         if a["is_grads_batched"]:
             return func(*args, **kwargs)
-        outputs = (a["outputs"],) if isinstance(a["outputs"], torch.Tensor) else tuple(a["outputs"])
-        inputs = a["inputs"]
-        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs.values() if isinstance(inputs, dict) else inputs)
-        with VirtualDeviceMode(fleet, strict=False), AutogradOnCards():
-            grads = _make_grads(outputs, _tensor_or_tensors_to_tuple(a["grad_outputs"], len(outputs)), is_grads_batched=False)
-            retain = a["create_graph"] if a["retain_graph"] is None else a["retain_graph"]
-            result = _engine_run_backward(
-                outputs, grads, retain, a["create_graph"], inputs, a["allow_unused"], accumulate_grad=False
-            )
-            if a["materialize_grads"]:
+        inputs = _as_tuple(a["inputs"])
+        result = _run_backward(fleet, _as_tuple(a["outputs"]), a["grad_outputs"], a, inputs,
+                               allow_unreachable=a["allow_unused"], accumulate_grad=False)
+        if a["materialize_grads"]:
+            with VirtualDeviceMode(fleet, strict=False):
                 result = tuple(
                     r if r is not None else torch.zeros_like(i, requires_grad=a["create_graph"])
                     for r, i in zip(result, inputs)
@@ -338,26 +335,33 @@ def _backward(fleet, func, args, kwargs):
     if func is _Tensor.backward:
         tensors, grad_tensors = (a["self"],), a["gradient"]
     else:
-        tensors = a["tensors"]
-        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        tensors = _as_tuple(a["tensors"])
         grad_tensors = a["grad_tensors"] if a["grad_tensors"] is not None else a.get("grad_variables")
     inputs = a["inputs"]
     if inputs is not None:
-        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs.values() if isinstance(inputs, dict) else inputs)
+        inputs = _as_tuple(inputs)
     if not all(isinstance(t, torch.Tensor) for t in tensors) or inputs == ():
         return func(*args, **kwargs)  # gradient edges, or autograd's own error for an empty ``inputs``
-    return _run_backward(fleet, tensors, grad_tensors, a, inputs or ())
+    _run_backward(fleet, tensors, grad_tensors, a, inputs or (), allow_unreachable=True, accumulate_grad=True)
+    return None
 
 
-def _run_backward(fleet, tensors, grad_tensors, a, inputs):
+def _as_tuple(value) -> tuple:
+    """A tensor, a dict of tensors or an iterable of them (autograd's ``inputs``/``outputs``), as a tuple."""
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    return tuple(value.values() if isinstance(value, dict) else value)
+
+
+def _run_backward(fleet, tensors, grad_tensors, a, inputs, **engine):
+    """Autograd's own steps (``_make_grads``, then the engine) with the fleet's modes pushed again."""
     from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
     from torch.autograd.graph import _engine_run_backward
 
     with VirtualDeviceMode(fleet, strict=False), AutogradOnCards():
         grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False)
         retain = a["create_graph"] if a["retain_graph"] is None else a["retain_graph"]
-        _engine_run_backward(tensors, grads, retain, a["create_graph"], inputs, allow_unreachable=True, accumulate_grad=True)
-    return None
+        return _engine_run_backward(tensors, grads, retain, a["create_graph"], inputs, **engine)
 
 
 def _index_devices(value) -> list:

@@ -176,10 +176,11 @@ def adopt(tensor: torch.Tensor, index: int, requires_grad: bool = False, fresh: 
     return tensor
 
 
-def put_on_card(tensor: torch.Tensor, index: int, fresh: bool = True) -> torch.Tensor:
-    """``adopt`` for callers outside the fleet mode's handlers (where torch calls would reach the mode)."""
+def put_on_card(tensor: torch.Tensor, index: int) -> torch.Tensor:
+    """``adopt`` of a fresh tensor, for callers outside the fleet mode's handlers (where torch calls would
+    reach the mode)."""
     with _NoTorchFunction():
-        return adopt(tensor, index, fresh=fresh)
+        return adopt(tensor, index, fresh=True)
 
 
 def to_plain(tensor: torch.Tensor) -> torch.Tensor:
