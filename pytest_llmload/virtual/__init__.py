@@ -67,8 +67,6 @@ class _Runtime:
         VirtualDeviceMode = importlib.import_module(f"{__name__}.mode").VirtualDeviceMode
 
         self.fleet = Fleet(cards)
-        if self.fleet.cards:
-            tensor.card_class(len(self.fleet.cards) - 1)  # each card's tensor class exists before any tensor
         self.tensor_module = tensor
         self.mode = VirtualDeviceMode(self.fleet)
         self.saved: list[tuple[Any, str, Any, bool]] = []

@@ -156,8 +156,6 @@ def card_class(index: int) -> type:
     return _CARD_CLASSES[index]
 
 
-card_class(7)
-
 
 def adopt(tensor: torch.Tensor, index: int, requires_grad: bool = False, fresh: bool = False) -> torch.Tensor:
     """Put a CPU tensor on card ``index`` in place (its class becomes the card's), charging its storage to
@@ -168,6 +166,7 @@ def adopt(tensor: torch.Tensor, index: int, requires_grad: bool = False, fresh: 
             tensor._is_param = True  # isinstance(t, nn.Parameter) stays true (torch's own rule for subclasses)
         elif kind is not _Tensor and kind not in _CARD_OF:
             return tensor  # another library's subclass (bitsandbytes' parameters): left as it is
+        # (the card's class is made the first time a tensor goes onto that card)
         tensor.__class__ = _CARD_CLASSES[index] if index < len(_CARD_CLASSES) else card_class(index)
     if active_fleet is not None:
         charge(tensor, index, fresh)
