@@ -60,12 +60,14 @@ class ModelCache:
     broken config.json) is tried once per session, and every later cell that needs it fails fast.
     """
 
-    def __init__(self, max_models: int = 2, *, trust_remote_code: bool = False, allow_pickle: bool = False):
+    def __init__(self, max_models: int = 2, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+                 hub_kernels: bool = False):
         if max_models < 1:
             raise ValueError(f"max_models must be at least 1, got {max_models}")
         self.max_models = max_models
         self.trust_remote_code = trust_remote_code
         self.allow_pickle = allow_pickle
+        self.hub_kernels = hub_kernels
         self._entries: OrderedDict[tuple, CachedModel] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
         self._failures: dict[Any, str] = {}
@@ -136,6 +138,7 @@ class ModelCache:
         call = dict(kwargs)
         trust_remote_code = call.pop("trust_remote_code", self.trust_remote_code)
         allow_pickle = call.pop("allow_pickle", self.allow_pickle)
+        hub_kernels = call.pop("hub_kernels", self.hub_kernels)
         config = call.pop("config", None)
         if config is None:
             config = self.check_config(spec, trust_remote_code=trust_remote_code)
@@ -148,6 +151,7 @@ class ModelCache:
                 max_memory=spec.max_memory_dict,
                 trust_remote_code=trust_remote_code,
                 allow_pickle=allow_pickle,
+                hub_kernels=hub_kernels,
                 config=config,
                 offload_parent=self.offload_root() if needs_offload_folder(spec.device_map, spec.max_memory)
                 else None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._compat.accelerate import hook_execution_device
+
 
 def normalize_device(device: Any) -> str:
     """A canonical name: ``"cuda:0"``, ``"cpu"``, ``"disk"``, ``"meta"``, ``"mps"``, ``"xpu:1"``..."""
@@ -78,7 +80,7 @@ def input_device(model: Any):
     if not hasattr(model, "named_modules"):
         raise TypeError(f"input_device needs a torch module (a loaded model), got {type(model).__name__}")
     for _, module in model.named_modules():
-        device = _hook_execution_device(getattr(module, "_hf_hook", None))
+        device = hook_execution_device(module)
         if device is not None:
             return device if isinstance(device, torch.device) else torch.device(device)
     tensors = list(itertools.chain(model.parameters(), model.buffers()))
@@ -86,17 +88,6 @@ def input_device(model: Any):
         if tensor.device.type != "meta":
             return tensor.device
     return tensors[0].device if tensors else torch.device("cpu")
-
-
-def _hook_execution_device(hook: Any) -> Any:
-    """The execution device of an accelerate hook (looking inside a ``SequentialHook``), or None."""
-    if hook is None:
-        return None
-    for inner in getattr(hook, "hooks", None) or [hook]:
-        device = getattr(inner, "execution_device", None)
-        if device is not None:
-            return device
-    return None
 
 
 def execution_order(model, device_map: dict[str, Any]) -> list[str]:

@@ -147,7 +147,6 @@ def _config_numbers(config) -> dict[str, int]:
 
 # -- LoRA ------------------------------------------------------------------------------------------
 
-_PEFT_MAPPING = "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"
 
 
 class LoraTargetsError(LLMLoadUsageError):
@@ -158,45 +157,12 @@ class LoraTargetsError(LLMLoadUsageError):
         self.targets, self.layer_names, self.model_type = targets, layer_names, model_type
 
 
-@functools.lru_cache(maxsize=None)
-def _peft_target_mapping() -> dict[str, Any]:
-    """peft's default LoRA targets per ``model_type``, read from its source (importing peft takes seconds
-    and imports bitsandbytes); the imported module is used when peft is already loaded."""
-    import sys
-
-    module = sys.modules.get("peft.utils.constants")
-    if module is not None:
-        return dict(getattr(module, _PEFT_MAPPING, {}))
-    import ast
-    import importlib.util
-    from pathlib import Path
-
-    try:
-        spec = importlib.util.find_spec("peft")
-        folder = Path(list(spec.submodule_search_locations or [])[0])
-        tree = ast.parse((folder / "utils" / "constants.py").read_text())
-    except (ImportError, AttributeError, IndexError, TypeError, OSError, SyntaxError, ValueError):
-        return {}
-    mapping: dict[str, Any] = {}
-    for node in tree.body:
-        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
-            continue
-        target = node.targets[0]
-        try:
-            if isinstance(target, ast.Name) and target.id == _PEFT_MAPPING:
-                mapping = dict(ast.literal_eval(node.value))
-            elif (isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name)
-                  and target.value.id == _PEFT_MAPPING):
-                mapping[ast.literal_eval(target.slice)] = ast.literal_eval(node.value)
-        except (ValueError, TypeError, SyntaxError):
-            continue
-    return mapping
-
-
 def default_lora_targets(config: Any) -> Any:
     """The LoRA target modules peft picks when none are given: its mapping by ``config.model_type``
     (BERT: query, value; Llama: q_proj, v_proj; GPT-2: c_attn), or None for a type peft does not know."""
-    targets = _peft_target_mapping().get(getattr(config, "model_type", None))
+    from ._compat.peft import lora_target_mapping
+
+    targets = lora_target_mapping().get(getattr(config, "model_type", None))
     return list(targets) if isinstance(targets, (list, tuple, set)) else targets
 
 

@@ -44,21 +44,38 @@ class LoadCall:
     notes: list[str] = field(default_factory=list)
     offload_folder: str | None = None
     allow_pickle: bool = False
+    kernels: Any = None  # the _compat.transformers.KernelPlan of this load
     _remove_folder: Any = field(default=None, repr=False)
     _finalizer: Any = field(default=None, repr=False)
 
     def run(self):
-        """Call ``from_pretrained``; any failure is one :class:`ModelLoadError` line naming the model."""
+        """Call ``from_pretrained``; any failure is one :class:`ModelLoadError` line naming the model.
+
+        A failed load gives back what it allocated before the error reaches the caller: the message is
+        made inside the ``except`` and raised outside it, so no traceback keeps the half-built model alive.
+        """
         from .quiet import quiet_loading
 
+        message = None
         try:
             with quiet_loading():
                 loaded = self.cls.from_pretrained(self.source, **self.kwargs)
+                if self.kernels is not None and self.kernels.kernelize_after:
+                    from ._compat.transformers import kernelize
+
+                    kernelize(loaded, getattr(loaded, "hf_device_map", None) or self.device_map)
         except BaseException as exc:
             self.release()
-            if isinstance(exc, Exception) and not isinstance(exc, LLMLoadUsageError):
-                raise ModelLoadError(_load_error(self.model, self.source, exc, self.allow_pickle)) from None
-            raise
+            if not isinstance(exc, Exception) or isinstance(exc, LLMLoadUsageError):
+                raise
+            message = _load_error(self.model, self.source, exc, self.allow_pickle)
+            del exc
+        if message is not None:
+            loaded = None
+            from .cache import release_memory
+
+            release_memory()
+            raise ModelLoadError(message)
         if self._remove_folder is not None:
             self._finalizer = weakref.finalize(loaded, self._remove_folder, self.offload_folder)
         return loaded
@@ -165,9 +182,9 @@ def model_class_for(config, override: Any = None):
         if cls is not None:
             return cls
     # A config without architectures (built in code): the causal-LM class of its type, else the base model.
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+    from ._compat.transformers import causal_lm_mappings
 
-    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING):
+    for mapping in causal_lm_mappings():
         if type(config) in mapping:
             return mapping[type(config)]
     return transformers.AutoModel
@@ -218,11 +235,15 @@ def quantized_map_problem(precision: str, device_map: Any) -> str | None:
     return None
 
 
-def _on_virtual_gpus(device_map: Any, devices: set) -> bool:
-    """Would this map put modules on the cards of a running virtual GPU fleet?"""
+def _virtual_gpus_running() -> bool:
     from .hardware import virtual_gpus_now
 
-    if not virtual_gpus_now():
+    return virtual_gpus_now()
+
+
+def _on_virtual_gpus(device_map: Any, devices: set) -> bool:
+    """Would this map put modules on the cards of a running virtual GPU fleet?"""
+    if not _virtual_gpus_running():
         return False
     if isinstance(device_map, dict):
         return bool(devices - _ACCELERATOR_FREE)
@@ -238,6 +259,7 @@ def prepare_load(
     model_class: Any = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    hub_kernels: bool = False,
     config: Any = None,
     offload_parent: str | None = None,
     **kwargs: Any,
@@ -246,7 +268,9 @@ def prepare_load(
 
     The config is read once here (or given, already read) and handed to ``from_pretrained``. A load
     that may put weights on disk gets an offload folder of its own, in ``offload_parent`` (the session
-    cache's folder) or in a new folder that only this process owns.
+    cache's folder) or in a new folder that only this process owns. Loads are hermetic: ``use_kernels=False``
+    unless ``hub_kernels`` (``--llm-hub-kernels``) asks for transformers' own default, and never on a
+    virtual fleet (hub kernels are CUDA code; a virtual card computes on the CPU).
     """
     from .precision import apply_config_overrides, quantization_config_for, reconcile_precision
 
@@ -272,7 +296,13 @@ def prepare_load(
 
         kwargs = {**tp_load_kwargs(spec.text, config, cls), **kwargs}  # distributed_config over the world
 
-    call: dict[str, Any] = {"trust_remote_code": trust_remote_code, "config": config}
+    from ._compat.transformers import KernelPlan
+
+    virtual = _virtual_gpus_running()
+    kernels = KernelPlan(hub_kernels, virtual=virtual)
+    if virtual and kwargs.get("use_kernels"):
+        notes.append("use_kernels=False: hub kernels never apply on virtual GPUs")
+    call: dict[str, Any] = {"trust_remote_code": trust_remote_code, "config": config, **kernels.kwargs}
     if _is_local(spec):
         from .safety import check_checkpoint_files
 
@@ -292,10 +322,10 @@ def prepare_load(
     elif precision == "auto":
         call["dtype"] = "auto"
     if precision in QUANTIZED_PRECISIONS or kwargs.get("quantization_config") is not None:
-        from .hardware import import_bitsandbytes
+        from ._compat.bitsandbytes import import_bitsandbytes
 
         try:
-            import_bitsandbytes()  # quietly, before transformers' quantizer imports it
+            import_bitsandbytes(hub_kernels=kernels.requested)  # quietly, before transformers' quantizer does
         except ImportError:
             pass  # transformers says what is missing
     if precision in QUANTIZED_PRECISIONS and kwargs.get("quantization_config") is None:
@@ -310,6 +340,8 @@ def prepare_load(
     if budget:
         call["max_memory"] = budget
     call.update(kwargs)
+    if virtual:
+        call["use_kernels"] = False
 
     remove = None
     if "offload_folder" not in call and needs_offload_folder(call.get("device_map"), call.get("max_memory")):
@@ -324,7 +356,7 @@ def prepare_load(
             call["offload_folder"] = session_folder()
             remove = remove_owned_folder
     return LoadCall(spec, cls, source, call, precision, resolved_map, notes, call.get("offload_folder"),
-                    allow_pickle, remove)
+                    allow_pickle, kernels, remove)
 
 
 def _remove_tree(path: str) -> None:
@@ -342,6 +374,7 @@ def load_model(
     model_class: Any = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    hub_kernels: bool = False,
     config: Any = None,
     **kwargs: Any,
 ):
@@ -350,12 +383,13 @@ def load_model(
     ``precision`` is one of auto, fp32, fp16, bf16, int8, nf4, fp4; ``device_map`` anything
     ``--llm-device-map`` accepts (default: none, i.e. transformers' own default placement).
     Disk entries get a temporary offload folder, removed when the model is garbage collected.
-    Safetensors weights only, unless ``allow_pickle=True``; checkpoint code only with ``trust_remote_code``.
+    Safetensors weights only, unless ``allow_pickle=True``; checkpoint code only with ``trust_remote_code``;
+    no hub kernels (``use_kernels=False``) unless ``hub_kernels=True``.
     :func:`prepare_load` tells what the load will do (resolved map, notes, offload folder) without loading.
     """
     call = prepare_load(model, device_map=device_map, precision=precision, max_memory=max_memory,
                         model_class=model_class, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                        config=config, **kwargs)
+                        hub_kernels=hub_kernels, config=config, **kwargs)
     return call.run()
 
 
@@ -367,8 +401,15 @@ def needs_offload_folder(device_map: Any, max_memory: Any = None) -> bool:
 
 
 def _load_error(spec: ModelSpec, source: str, exc: BaseException, allow_pickle: bool) -> str:
+    from ._compat.transformers import kernel_failure
+
     message = _first_line(exc)
     where = f"model {spec.text!r}" if spec.kind != "path" else f"checkpoint {source}"
+    kernel = kernel_failure(exc)
+    if kernel is not None:
+        repo, said = kernel
+        return (f"cannot load {where}: hub kernel {repo} could not be loaded ({said}); hub kernels are on "
+                "(--llm-hub-kernels / llm_hub_kernels): leave them off to test the model's own code")
     if not allow_pickle and _only_pickle_weights(source):
         return (
             f"{where} has only pickle weights (pytorch_model.bin), and unpickling can run code; "

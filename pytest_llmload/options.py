@@ -48,6 +48,9 @@ OPTIONS: list[tuple[str, str, str, dict, str, Any]] = [
      dict(nargs="?", const="true", metavar="N"), "string", None),
     ("--llm-trust-remote-code", "llm_trust_remote_code", "allow checkpoints to run their own code "
      "(off by default)", dict(action="store_const", const=True), "bool", False),
+    ("--llm-hub-kernels", "llm_hub_kernels", "let transformers kernelize loads with kernels from the Hub "
+     "(its own default since 5.25; off: every load passes use_kernels=False and contacts no server for a "
+     "local or built-in checkpoint; never on virtual GPUs)", dict(action="store_const", const=True), "bool", False),
     ("--llm-allow-pickle", "llm_allow_pickle", "allow checkpoints that only have pickle weights "
      "(pytorch_model.bin); unpickling can run code", dict(action="store_const", const=True), "bool", False),
     ("--llm-cache-size", "llm_cache_size", "how many loaded models the session keeps at once (default 2)",
@@ -116,6 +119,7 @@ class Options:
     coverage_allow_unrun: bool = False
     max_gpu_peak: int | None = None
     emulate_gpu: int | None = None
+    hub_kernels: bool = False  # --llm-hub-kernels: transformers' own default instead of use_kernels=False
 
 
 class _Reader:
@@ -249,6 +253,7 @@ def parse_options(config: pytest.Config) -> Options:
         min_gpus=min_gpus,
         trust_remote_code=bool(read.scalar("llm_trust_remote_code")[0]),
         allow_pickle=bool(read.scalar("llm_allow_pickle")[0]),
+        hub_kernels=bool(read.scalar("llm_hub_kernels")[0]),
         cache_size=cache_size,
         report=report,
         fit_margin=fit_margin,

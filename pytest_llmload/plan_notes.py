@@ -39,7 +39,9 @@ class Recorder:
 def recording(recorder: Recorder) -> Iterator[None]:
     import logging
 
-    import transformers.integrations.accelerate as hf_accelerate
+    from ._compat.transformers import accelerate_integration
+
+    hf_accelerate = accelerate_integration()
 
     real_infer = hf_accelerate.infer_auto_device_map
 

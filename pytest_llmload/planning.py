@@ -155,31 +155,14 @@ def _summarize_modules(modules: list[str]) -> str:
 
 
 def _planning_functions(quantized: bool = False):
-    """transformers' private planning functions, imported with a clear error if a release moved them.
+    """transformers' private planning functions (one line naming the one a release lacks)."""
+    from ._compat import MissingInternalError
+    from ._compat.transformers import planning_functions
 
-    ``get_hf_quantizer`` is imported only for int8/4-bit: its module imports every quantizer (seconds).
-    """
     try:
-        from transformers.integrations.accelerate import _get_device_map, compute_module_sizes
-        from transformers.modeling_utils import _get_dtype
-
-        get_hf_quantizer = None
-        if quantized:
-            from .hardware import import_bitsandbytes
-
-            try:
-                import_bitsandbytes()  # quietly, before the quantizer modules import it
-            except ImportError:
-                pass
-            from transformers.quantizers.auto import get_hf_quantizer
-    except ImportError as exc:
-        import transformers
-
-        raise PlannerUnavailableError(
-            f"the planner calls transformers' own planning functions, and transformers {transformers.__version__} "
-            f"moved one ({exc}); pytest-llmload's planner supports transformers 5.x"
-        ) from None
-    return _get_device_map, compute_module_sizes, _get_dtype, get_hf_quantizer
+        return planning_functions(quantized)
+    except MissingInternalError as exc:
+        raise PlannerUnavailableError(str(exc)) from None
 
 
 def meta_model(model: Any, precision: str | None = "auto", *, device_map: Any = "auto",
@@ -211,7 +194,9 @@ def meta_model(model: Any, precision: str | None = "auto", *, device_map: Any = 
     else:
         dtype = None
     config, dtype = _get_dtype(dtype, None, config, None, None, True, hf_quantizer)
-    contexts = cls.get_init_context(dtype, hf_quantizer is not None, False, None)
+    from ._compat.transformers import init_context
+
+    contexts = init_context(cls, dtype, hf_quantizer is not None, config)
     with ContextManagers(contexts):
         network = cls(copy.deepcopy(config))
         if hf_quantizer is not None:
@@ -261,22 +246,25 @@ def simulated_hardware(free_memory: dict[int | str, int] | None) -> Iterator[Non
     """Make transformers read ``free_memory`` where it would ask the driver and psutil (``max_memory=None``)."""
     import logging
 
-    import transformers.integrations.accelerate as hf_accelerate
+    from ._compat.transformers import free_memory_function
 
+    hf_accelerate, name = free_memory_function()
     quiet = _PlannedGpuFilter()
-    logger = logging.getLogger("accelerate.utils.modeling")
+    from ._compat.accelerate import PLANNER_LOGGER
+
+    logger = logging.getLogger(PLANNER_LOGGER)
     logger.addFilter(quiet)
-    real = hf_accelerate.accelerate_max_memory
+    real = getattr(hf_accelerate, name)
 
     def fake(max_memory=None):
         return real(dict(free_memory) if max_memory is None else max_memory)
 
     if free_memory is not None:
-        hf_accelerate.accelerate_max_memory = fake
+        setattr(hf_accelerate, name, fake)
     try:
         yield
     finally:
-        hf_accelerate.accelerate_max_memory = real
+        setattr(hf_accelerate, name, real)
         logger.removeFilter(quiet)
 
 

@@ -124,6 +124,7 @@ class LLMLoadSession:
                 self.options.cache_size,
                 trust_remote_code=self.options.trust_remote_code,
                 allow_pickle=self.options.allow_pickle,
+                hub_kernels=self.options.hub_kernels,
             )
             self._cache.on_load.append(self.reporter.record_load)
         return self._cache

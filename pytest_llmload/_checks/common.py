@@ -76,7 +76,8 @@ def as_batch(model, inputs: Any, where: str) -> dict[str, Any]:
 
 def bnb_layers(model) -> dict[str, Any]:
     try:
-        import bitsandbytes as bnb
+        from .._compat.bitsandbytes import import_bitsandbytes
+        bnb = import_bitsandbytes()
     except ImportError:
         return {}
     return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))}

@@ -71,7 +71,8 @@ class Footprint:
 
 
 def _quantized_module_names(model: Any) -> set[str]:
-    import bitsandbytes as bnb
+    from .._compat.bitsandbytes import import_bitsandbytes
+    bnb = import_bitsandbytes()
 
     from ..planning import meta_model
 

@@ -140,6 +140,6 @@ def prepare_model_for_int8_training(model, **kwargs):
     """
     warnings.warn("prepare_model_for_int8_training was removed from peft in 0.10; use "
                   "peft.prepare_model_for_kbit_training", DeprecationWarning, stacklevel=2)
-    from peft import prepare_model_for_kbit_training
+    from .._compat.peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(model, **kwargs)

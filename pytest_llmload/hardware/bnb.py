@@ -5,34 +5,14 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 
+from .._compat.bitsandbytes import import_bitsandbytes  # noqa: F401 - re-exported for the hardware package
+
 
 @dataclass(frozen=True)
 class BitsandbytesStatus:
     version: str | None  # None: not installed
     backend: str | None  # "cuda", "cpu", ...; None: no working backend
     error: str | None
-
-
-def import_bitsandbytes():
-    """Import bitsandbytes without the noise its import makes (torch.jit deprecation warnings, a
-    kernels-community warning on CPUs with AVX512-BF16): pytest-llmload chooses when it is imported."""
-    import logging
-    import sys
-    import warnings
-
-    if "bitsandbytes" in sys.modules:
-        return sys.modules["bitsandbytes"]
-    logger = logging.getLogger("bitsandbytes")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            import bitsandbytes
-    finally:
-        logger.setLevel(level)
-    return bitsandbytes
 
 
 def installed_version() -> str | None:

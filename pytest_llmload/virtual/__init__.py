@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import sys
 import threading
 from typing import Any
 
@@ -19,9 +18,6 @@ from ..errors import LLMLoadUsageError
 from .fleet import CardSpec, Fleet, describe_fleet, parse_virtual_spec
 
 __all__ = ["virtual_gpus", "active_fleet", "parse_virtual_spec", "describe_fleet", "CardSpec", "Fleet"]
-
-# Oldest and newest torch the dispatch and patching here are tested on (internals it relies on change).
-TESTED_TORCH = ((2, 13), (2, 13))
 
 _lock = threading.Lock()
 _active: _Runtime | None = None
@@ -32,34 +28,21 @@ def active_fleet() -> Fleet | None:
     return _active.fleet if _active is not None else None
 
 
-def _check_torch_version(version: str) -> None:
-    parts = version.split("+")[0].split(".")
-    found = (int(parts[0]), int(parts[1]))
-    low, high = TESTED_TORCH
-    if not low <= found <= high:
-        tested = f"{low[0]}.{low[1]}" if low == high else f"{low[0]}.{low[1]}-{high[0]}.{high[1]}"
-        raise LLMLoadUsageError(
-            f"virtual GPUs are tested on torch {tested}; this is torch {version} (its internals differ, "
-            "so the fleet does not start)"
-        )
-
-
 class _Runtime:
     """One running fleet: its patches, its mode on the starting thread."""
 
     def __init__(self, cards: list[CardSpec]) -> None:
-        import torch
+        from .._compat.torch import check_fleet_internals
 
-        _check_torch_version(torch.__version__)
+        check_fleet_internals()  # one line naming the first internal this torch lacks
         import torch._dynamo  # noqa: F401 - dynamo reads torch.cuda at import; it must see the real one
 
         if importlib.util.find_spec("bitsandbytes") is not None:
-            from ..hardware import import_bitsandbytes
+            from .._compat.bitsandbytes import import_bitsandbytes
 
             import_bitsandbytes()  # (quietly) it picks its backend at import: the machine's, not the fleet's
         if importlib.util.find_spec("transformers") is not None:
-            import transformers.core_model_loading  # noqa: F401 - patched below (weight materialization)
-            import transformers.modeling_utils  # noqa: F401 - patched below (allocator warmup)
+            import transformers  # noqa: F401 - its modules the fleet patches are checked in patch_targets
         # import_module, not "from . import": after a sys.modules restore (pytester) the package may still
         # hold an older submodule as an attribute, while the submodules import each other afresh.
         cuda = importlib.import_module(f"{__name__}.cuda")
@@ -100,16 +83,9 @@ class _Runtime:
 
 
 def _clear_availability_caches() -> None:
-    """transformers caches ``is_torch_cuda_available()`` and friends; they must see the fleet, then the
-    machine again."""
-    import_utils = sys.modules.get("transformers.utils.import_utils")
-    if import_utils is None:
-        return
-    for name in dir(import_utils):
-        if name.startswith("is_torch"):
-            clear = getattr(getattr(import_utils, name), "cache_clear", None)
-            if clear is not None:
-                clear()
+    from .._compat.transformers import clear_availability_caches
+
+    clear_availability_caches()
 
 
 class virtual_gpus(contextlib.ContextDecorator):

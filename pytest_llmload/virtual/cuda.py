@@ -279,7 +279,6 @@ def _checkpoint_metadata(original):
 
 def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
     """``(object, attribute, replacement)`` for everything the fleet patches."""
-    import sys
 
     cuda = cuda_replacements(fleet)
     targets: list[tuple[Any, str, Any]] = [(torch.cuda, name, value) for name, value in cuda.items()]
@@ -301,10 +300,11 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
     targets.append((checkpoint, "_allowed_determinism_checks_to_fns", checks))
     executor = concurrent.futures.ThreadPoolExecutor
     targets.append((executor, "submit", _submit_guard(fleet, executor.submit, mode_factory)))
-    modeling_utils = sys.modules.get("transformers.modeling_utils")
-    if modeling_utils is not None and hasattr(modeling_utils, "caching_allocator_warmup"):
-        targets.append((modeling_utils, "caching_allocator_warmup", _skip_allocator_warmup))
-    loading = sys.modules.get("transformers.core_model_loading")
-    if loading is not None and hasattr(loading, "_materialize_copy"):
-        targets.append((loading, "_materialize_copy", _materialize_onto_cards(fleet, loading._materialize_copy)))
+    from .._compat.transformers import fleet_patch_targets
+
+    # transformers' allocator warmup and weight materialization; a release without them fails the start loudly
+    replacements = {"caching_allocator_warmup": lambda module: _skip_allocator_warmup,
+                    "_materialize_copy": lambda module: _materialize_onto_cards(fleet, module._materialize_copy)}
+    for module, name in fleet_patch_targets():
+        targets.append((module, name, replacements[name](module)))
     return targets

@@ -1,0 +1,33 @@
+"""torch internals the virtual GPU fleet relies on, checked by presence (not by a torch version pin)."""
+
+from __future__ import annotations
+
+from . import missing_internal, resolve
+
+# Every private torch name the fleet (virtual/mode.py, tensor.py, cuda.py) uses. Checked when a fleet
+# starts, before those modules import; a missing one is one line naming it.
+FLEET_INTERNALS = (
+    "torch._C.DisableTorchFunction",
+    "torch._C._disabled_torch_function_impl",
+    "torch._C._len_torch_dispatch_stack",
+    "torch._C._nn._parse_to",
+    "torch._C.TensorBase.device",
+    "torch._has_compatible_shallow_copy_type",
+    "torch.overrides.TorchFunctionMode",
+    "torch.utils._python_dispatch.TorchDispatchMode",
+    "torch.utils._python_dispatch._disable_current_modes",
+    "torch.autograd._make_grads",
+    "torch.autograd._tensor_or_tensors_to_tuple",
+    "torch.autograd.graph._engine_run_backward",
+    "torch.utils.checkpoint._allowed_determinism_checks_to_fns",
+    "torch.utils.checkpoint._DEFAULT_DETERMINISM_MODE",
+    "torch.amp.autocast_mode.autocast",
+    "torch.accelerator",
+)
+
+
+def check_fleet_internals(names: tuple[str, ...] = FLEET_INTERNALS) -> None:
+    """Raise :class:`MissingInternalError` for the first internal this torch lacks."""
+    for name in names:
+        if resolve(name) is None:
+            raise missing_internal("virtual GPUs need", "torch", name)
