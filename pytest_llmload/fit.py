@@ -42,9 +42,10 @@ def fit_problems(
         usable = int(available * (1 - margin))
         if total > usable:
             extra = f" (incl. ~{format_size(total - weights)} CUDA context)" if total != weights else ""
+            where = f"needs ~{format_size(total)}{extra} on {device_label(device)}"
             problems.append(
-                f"needs ~{format_size(total)}{extra} on {device_label(device)}, {format_size(available)} free"
-                + (f" ({margin:.0%} kept spare)" if margin else "")
+                f"{where}; {format_size(usable)} usable ({format_size(available)} free, {margin:.0%} kept spare)"
+                if margin else f"{where}; {format_size(available)} free"
             )
     return problems
 
@@ -177,7 +178,9 @@ class FitChecker:
     def reasons(self, spec: LLMSpec, cache, inventory) -> list[str]:
         """Why the cell's weights would not fit the memory free now (empty if they would).
 
-        Models ``cache`` holds are released first if that is what makes room.
+        Before a skip is decided, every time: the models ``cache`` holds are released and the need is
+        planned again against the memory free then (a strategy's plan depends on what is free, so a need
+        planned while other models were loaded is not reused).
         """
         from .errors import LLMLoadError
 
@@ -193,8 +196,9 @@ class FitChecker:
                     return []
             problems = fit_problems(*self._need_and_free(spec, inventory), margin=self.margin,
                                     context_bytes=self.context_bytes(inventory))
-            if problems and cache.cache_info().size:
-                cache.clear()
+            if problems:
+                if cache.cache_info().size:
+                    cache.clear()
                 problems = fit_problems(*self._need_and_free(spec, inventory, fresh=True), margin=self.margin,
                                         context_bytes=self.context_bytes(inventory))
         except LLMLoadError:

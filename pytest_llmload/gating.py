@@ -138,9 +138,17 @@ class Gate:
             reasons += bitsandbytes_reasons(self.inventory)
         self.missing_hardware(item.nodeid, unique(reasons))
 
-    def pytest_report_header(self, config: pytest.Config) -> str:
-        from .hardware import header_line
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        from .hardware import header_line, virtual_gpus_now
 
         if self.options.require_gpus:  # GPU CI: worth the seconds to try bitsandbytes before any test
-            return self.inventory.describe()
-        return self._inventory.describe() if self._inventory is not None else header_line()
+            lines = [self.inventory.describe()]
+        else:
+            lines = [self._inventory.describe() if self._inventory is not None else header_line()]
+        if self.options.hub_kernels and virtual_gpus_now():
+            lines.append("llmload: --llm-hub-kernels: hub kernels never apply on virtual GPUs (their CUDA code "
+                         "cannot run on CPU cards); loads there pass use_kernels=False")
+        elif self.options.hub_kernels:
+            lines.append("llmload: hub kernels on (--llm-hub-kernels): transformers may kernelize loads with "
+                         "kernels fetched from the Hub (not the code under test)")
+        return lines

@@ -15,12 +15,12 @@ GiB = 2**30
 def test_fit_problems_arithmetic():
     need = {0: 14 * GiB, 1: 2 * GiB, "cpu": GiB, "disk": 100 * GiB}
     free = {0: 10 * GiB, 1: 40 * GiB, "cpu": 64 * GiB}
-    assert fit_problems(need, free, margin=0.0) == ["needs ~14.0 GiB on cuda:0, 10.0 GiB free"]
+    assert fit_problems(need, free, margin=0.0) == ["needs ~14.0 GiB on cuda:0; 10.0 GiB free"]
     assert fit_problems({0: 9 * GiB}, {0: 10 * GiB}, margin=0.0) == []
     assert fit_problems({0: 9 * GiB}, {0: 10 * GiB}, margin=0.2) == [
-        "needs ~9.0 GiB on cuda:0, 10.0 GiB free (20% kept spare)"]
+        "needs ~9.0 GiB on cuda:0; 8.0 GiB usable (10.0 GiB free, 20% kept spare)"]
     assert fit_problems({0: 9 * GiB}, {0: 10 * GiB}, margin=0.0, context_bytes={0: GiB + 1}) == [
-        "needs ~10.0 GiB (incl. ~1.0 GiB CUDA context) on cuda:0, 10.0 GiB free"]
+        "needs ~10.0 GiB (incl. ~1.0 GiB CUDA context) on cuda:0; 10.0 GiB free"]
     assert fit_problems({2: GiB}, {0: 10 * GiB}, margin=0.0) == ["needs ~1.0 GiB on cuda:2, which is not here"]
 
 
@@ -63,7 +63,7 @@ def test_fit_check_skips_a_cell_that_cannot_fit(pytester):
     # tiny-llama needs ~1 MiB; leave no room by keeping 99.99999% of free RAM spare
     result = pytester.runpytest("-rs", "--llm-device-map=cpu", "--llm-fit-margin=0.9999999")
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["*needs ~* on cpu, * free (100% kept spare)*"])
+    result.stdout.fnmatch_lines(["*needs ~* on cpu; 0 B usable (* free, 100% kept spare)*"])
     pytester.runpytest("--llm-device-map=cpu", "--llm-fit-margin=off").assert_outcomes(passed=1)
 
 

@@ -123,7 +123,7 @@ def test_coverage_allow_unrun_strict_fit_check_and_bad_runner(pytester):
     assert table["test_one_gpu"] == ["FAIL (strict)", "run"]
     # tiny-llama's fp32 weights and a 500 MiB CUDA context do not fit a 300 MiB card: the fit check says so
     assert table["test_matrix[tiny-llama-cuda0-auto]"] == ["FAIL (strict)", "FAIL (strict)"]
-    result.stdout.fnmatch_lines(["*needs ~*(incl. ~500.0 MiB CUDA context) on cuda:0, 300.0 MiB free*"])
+    result.stdout.fnmatch_lines(["*needs ~*(incl. ~500.0 MiB CUDA context) on cuda:0; * usable (300.0 MiB free, * kept spare)*"])
     bad = pytester.runpytest("--llm-coverage=cpu,2x")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*invalid --llm-coverage runner '2x': expected cpu or NxSIZE[[]@CAPABILITY[]]*"])
