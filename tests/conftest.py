@@ -100,3 +100,9 @@ def pytest_sessionstart(session):
         load_model("builtin:tiny-llama", device_map="cpu", precision=precision)
     load_model("builtin:tiny-bert", model_class="AutoModelForSequenceClassification")
     hf_logging.enable_progress_bar()
+
+
+@pytest.fixture
+def no_gpus(monkeypatch):
+    """This process (and its children) sees no GPU, whatever the machine has: ``CUDA_VISIBLE_DEVICES=""``."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

@@ -127,7 +127,7 @@ MARKED = """
 """
 
 
-def test_markers_skip_here_with_what_was_needed(pytester):
+def test_markers_skip_here_with_what_was_needed(pytester, no_gpus):
     pytester.makepyfile(MARKED)
     result = pytester.runpytest("-rs", "--strict-markers")
     result.assert_outcomes(passed=2, skipped=2)  # bitsandbytes works on this CPU
@@ -137,7 +137,7 @@ def test_markers_skip_here_with_what_was_needed(pytester):
     ])
 
 
-def test_strict_mode_turns_hardware_skips_into_failures(pytester):
+def test_strict_mode_turns_hardware_skips_into_failures(pytester, no_gpus):
     pytester.makepyfile(MARKED)
     pytester.makepyfile(test_cells="""
         import pytest
@@ -156,19 +156,19 @@ def test_strict_mode_turns_hardware_skips_into_failures(pytester):
     ])
 
 
-def test_strict_mode_from_ini(pytester):
+def test_strict_mode_from_ini(pytester, no_gpus):
     pytester.makeini("[pytest]\nllm_require_gpus = true\n")
     pytester.makepyfile(MARKED)
     pytester.runpytest().assert_outcomes(passed=2, errors=2)
 
 
-def test_strict_mode_keeps_a_following_path_argument(pytester):
+def test_strict_mode_keeps_a_following_path_argument(pytester, no_gpus):
     pytester.makepyfile(MARKED)
     result = pytester.runpytest("--llm-require-gpus", "test_strict_mode_keeps_a_following_path_argument.py")
     result.assert_outcomes(passed=2, errors=2)
 
 
-def test_require_gpus_count_fails_at_start_up(pytester):
+def test_require_gpus_count_fails_at_start_up(pytester, no_gpus):
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest("--llm-require-gpus=4")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -188,7 +188,7 @@ def test_bad_marker_arguments_fail_the_test_with_one_line(pytester):
     result.stdout.fnmatch_lines(["*invalid size 'a lot'*"])
 
 
-def test_header_line_on_this_machine(pytester):
+def test_header_line_on_this_machine(pytester, no_gpus):
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest()
     result.stdout.fnmatch_lines(["llmload: no GPU; bitsandbytes * (backend tried on first use)"])
@@ -196,7 +196,7 @@ def test_header_line_on_this_machine(pytester):
     result.stdout.fnmatch_lines(["llmload: no GPU; bitsandbytes * (cpu)"])
 
 
-def test_gpu_inventory_fixture(pytester):
+def test_gpu_inventory_fixture(pytester, no_gpus):
     pytester.makepyfile("""
         def test_inventory(gpu_inventory):
             assert gpu_inventory.count == len(gpu_inventory.gpus) == 0
@@ -237,7 +237,15 @@ def test_worker_index():
 
 
 def test_assign_worker_gpus_sets_cuda_visible_devices(monkeypatch):
+    import sys
+
     from pytest_llmload.hardware import assign_worker_gpus
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a GPU test ran first in this process
+        with pytest.raises(LLMLoadUsageError, match="CUDA was initialised in this worker before the plugin"):
+            assign_worker_gpus("gw1", 2)
+        return
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     note = assign_worker_gpus("gw1", 2)
@@ -246,7 +254,7 @@ def test_assign_worker_gpus_sets_cuda_visible_devices(monkeypatch):
     assert assign_worker_gpus(None, 2) is None
 
 
-def test_xdist_run_of_a_small_matrix(pytester):
+def test_xdist_run_of_a_small_matrix(pytester, no_gpus):
     pytester.makepyfile("""
         import os, pytest
 

@@ -23,6 +23,9 @@ from pytest_llmload._compat.transformers import KernelPlan, kernel_failure
 
 ROOT = Path(__file__).resolve().parent.parent
 
+MACHINE_CUDA = torch.cuda.is_available()  # what the machine has, outside any fleet
+MACHINE_GPUS = torch.cuda.device_count()
+
 
 class CountingHub:
     """A local stand-in for the Hub: answers 404 to everything and remembers each request."""
@@ -204,7 +207,7 @@ def test_a_torch_without_an_internal_the_fleet_needs_is_one_line_naming_it(monke
         with virtual_gpus("2x64MiB"):
             pass
     monkeypatch.undo()
-    assert not torch.cuda.is_available()
+    assert torch.cuda.is_available() == MACHINE_CUDA
 
 
 def test_a_transformers_without_a_patch_target_fails_the_fleet_start_loudly(monkeypatch):
@@ -218,4 +221,4 @@ def test_a_transformers_without_a_patch_target_fails_the_fleet_start_loudly(monk
         with virtual_gpus("2x64MiB"):
             pass
     monkeypatch.undo()
-    assert not torch.cuda.is_available()
+    assert torch.cuda.is_available() == MACHINE_CUDA

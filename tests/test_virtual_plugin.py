@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+MACHINE_CUDA = torch.cuda.is_available()  # what the machine has, outside any fleet
+MACHINE_GPUS = torch.cuda.device_count()
+
 
 @pytest.fixture(autouse=True)
 def _no_fleet_leaks():
     yield
-    assert not torch.cuda.is_available(), "a fleet outlived its pytest run"
+    assert torch.cuda.is_available() == MACHINE_CUDA, "a fleet outlived its pytest run"
 
 
 def test_session_fleet_header_inventory_and_requires_gpus(pytester):
@@ -78,6 +81,8 @@ def test_marker_runs_one_test_on_a_fleet(pytester):
         """
         import pytest, torch
 
+        MACHINE_CUDA = torch.cuda.is_available()  # collected before any fleet starts
+
         @pytest.fixture
         def cards():
             return torch.cuda.device_count()
@@ -92,7 +97,7 @@ def test_marker_runs_one_test_on_a_fleet(pytester):
             pass
 
         def test_after():
-            assert not torch.cuda.is_available()
+            assert torch.cuda.is_available() == MACHINE_CUDA
         """
     )
     pytester.makepyfile(test_bad="""

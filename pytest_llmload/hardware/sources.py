@@ -126,16 +126,28 @@ def _probe_nvml() -> list[GPU] | None:
         gpus = []
         for index, handle in enumerate(handles):
             name = pynvml.nvmlDeviceGetName(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            memory, total = _nvml_memory(pynvml, handle)
             try:
                 capability = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
             except Exception:  # noqa: BLE001
                 capability = None
             gpus.append(GPU(index, name.decode() if isinstance(name, bytes) else name,
-                            int(memory.total), int(memory.free), capability))
+                            total, int(memory.free), capability))
         return gpus
     finally:
         pynvml.nvmlShutdown()
+
+
+def _nvml_memory(pynvml, handle):
+    """``(memory info, usable total)``. NVML's plain total includes what the driver reserves (615 MiB on an
+    H200: 143771 MiB where CUDA and torch report 143155 MiB); the v2 info says how much, and CUDA's total is
+    the rest."""
+    try:
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
+        return memory, int(memory.total) - int(getattr(memory, "reserved", 0))
+    except Exception:  # noqa: BLE001 - an older driver or nvidia-ml-py without v2
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        return memory, int(memory.total)
 
 
 def _probe_nvidia_smi() -> list[GPU] | None:
@@ -292,6 +304,8 @@ def probe_gpus(torch: str = "import") -> GpuProbe:
         raise ValueError(f"torch={torch!r}: expected 'import', 'subprocess' or 'never'")
     hint = None
     for name, source in SOURCES:
+        if name != "virtual" and visible_device_ids() == []:
+            return GpuProbe([], "CUDA_VISIBLE_DEVICES")  # set and empty: no GPU is visible to this process
         gpus = source()
         if gpus is None:
             continue
