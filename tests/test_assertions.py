@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+from pytest_llmload._compat.transformers import enable_activation_checkpointing
 from pytest_llmload import (
     assert_device_map,
     assert_int8_trainable,
@@ -247,7 +248,7 @@ def test_unprepared_int8_model_with_reentrant_checkpointing():
     for param in model.parameters():
         param.requires_grad = False
     model = get_peft_model(model, lora())
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    enable_activation_checkpointing(model, use_reentrant=True)
     # transformers 5 installs the input-grad hook itself; a model set up by hand (or by an older stack,
     # or one whose hook was removed) is left without it:
     model.disable_input_require_grads()

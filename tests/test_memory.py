@@ -89,7 +89,9 @@ def test_estimate_against_a_measured_training_step(name, checkpointing):
     model = load_model(f"builtin:{name}", device_map="cpu", precision="fp32")
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from pytest_llmload._compat.transformers import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model, use_reentrant=False)
     batch, seq = 2, 96
     estimate = estimate_training_memory(f"builtin:{name}", precision="fp32", batch_size=batch, seq_len=seq,
                                         gradient_checkpointing=checkpointing)

@@ -221,8 +221,9 @@ def test_everything_restored_on_exit_also_after_an_exception():
             1 / 0
     assert _patched_objects() == before
     assert torch.device("cpu") == torch.zeros(1).to("cpu").device
-    with pytest.raises(RuntimeError):
-        torch.device(0)  # a CPU build again
+    if not MACHINE_CUDA:
+        with pytest.raises(RuntimeError):
+            torch.device(0)  # a CPU build again
 
 
 def test_nesting_or_a_second_fleet_is_an_error():
@@ -519,13 +520,15 @@ def test_activation_checkpointing_backward_equals_cpu_and_grads_are_on_their_car
     """Before: the backward ran outside the fleet (a __torch_function__ handler runs with its mode off), so
     checkpointing's recomputation asked the CPU build for CUDA: 'Cannot access accelerator device'."""
     cpu = pytest_llmload.load_model("builtin:tiny-llama", precision="fp32")
-    cpu.activation_checkpointing_enable()
+    from pytest_llmload._compat.transformers import enable_activation_checkpointing
+
+    enable_activation_checkpointing(cpu)
     cpu.train()
     cpu(IDS, labels=IDS).loss.backward()
     device_map = _two_card_map(cpu)
     with virtual_gpus("2x64MiB"):
         model = pytest_llmload.load_model("builtin:tiny-llama", device_map=device_map, precision="fp32")
-        model.activation_checkpointing_enable()
+        enable_activation_checkpointing(model)
         model.train()
         ids = IDS.cuda()
         loss = model(ids, labels=ids).loss

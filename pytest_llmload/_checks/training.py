@@ -51,8 +51,7 @@ def assert_int8_trainable(model, inputs: Any = None) -> None:
             fail("gradient checkpointing is reentrant, but the input embeddings' outputs do not require grad: "
                   "no gradient reaches the adapters inside checkpointed layers",
                   "  fix: call peft.prepare_model_for_kbit_training(model) (it calls "
-                  "model.enable_input_require_grads()), or activation_checkpointing_enable("
-                  "activation_checkpointing_kwargs={'use_reentrant': False})")
+                  f"model.enable_input_require_grads()), or {_checkpointing_call()}")
 
     trainable = [(n, p) for n, p in named if p.requires_grad]
     adapters = [(n, p) for n, p in trainable if _is_adapter(n)]
@@ -143,3 +142,10 @@ def prepare_model_for_int8_training(model, **kwargs):
     from .._compat.peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(model, **kwargs)
+
+
+def _checkpointing_call() -> str:
+    from .._compat.transformers import checkpointing_method
+
+    name = checkpointing_method()
+    return f"{name}({name.replace('_enable', '_kwargs')}={{'use_reentrant': False}})"

@@ -173,3 +173,22 @@ def causal_lm_mappings() -> tuple[Any, Any]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
     return MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+
+def checkpointing_method() -> str:
+    """The name of ``PreTrainedModel``'s method that turns activation checkpointing on: the new
+    ``activation_checkpointing_enable`` (5.2x; ``gradient_checkpointing_enable`` is a deprecated alias) or
+    ``gradient_checkpointing_enable`` (5.17 and earlier)."""
+    from transformers import PreTrainedModel
+
+    return ("activation_checkpointing_enable" if hasattr(PreTrainedModel, "activation_checkpointing_enable")
+            else "gradient_checkpointing_enable")
+
+
+def enable_activation_checkpointing(model: Any, *, use_reentrant: bool | None = None) -> None:
+    """Turn activation checkpointing on, with whichever method and keyword this transformers has (a peft
+    model passes the call on to its base model)."""
+    name = checkpointing_method()
+    kwargs_name = name.replace("_enable", "_kwargs")
+    kwargs = {kwargs_name: {"use_reentrant": use_reentrant}} if use_reentrant is not None else {}
+    getattr(model, name)(**kwargs)
