@@ -711,3 +711,32 @@ def test_custom_backward_code_may_combine_gradients_with_card_tensors():
         on_card = x.cuda()
         Twice.apply(on_card).sum().backward()
     assert x.grad.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_seeding_a_card_makes_its_randomness_repeatable_and_its_rng_state_round_trips():
+    """Found on a real H200: with real CUDA initialised, checkpointing saves each card's RNG state, which
+    raised NotSimulatedError; and torch.cuda.manual_seed was a silent no-op."""
+    with virtual_gpus("2x64MiB"):
+        torch.cuda.manual_seed(1234)
+        first = torch.randn(8, device="cuda:1")
+        torch.cuda.manual_seed_all(1234)
+        assert torch.equal(first, torch.randn(8, device="cuda:1"))
+        state = torch.cuda.get_rng_state(1)
+        again = torch.randn(8, device="cuda:0")
+        torch.cuda.set_rng_state(state, 1)
+        assert torch.equal(again, torch.randn(8, device="cuda:0"))
+        assert torch.cuda.initial_seed() == 1234
+        with pytest.raises(RuntimeError, match="invalid device ordinal"):
+            torch.cuda.get_rng_state(5)
+
+
+def test_checkpointing_where_real_cuda_was_initialised_saves_and_restores_the_cards_rng(monkeypatch):
+    """On a GPU machine torch.cuda._initialized is True, so checkpointing asks each card for its RNG state."""
+    from torch.utils.checkpoint import checkpoint
+
+    with virtual_gpus("1x64MiB"):
+        monkeypatch.setattr(torch.cuda, "_initialized", True, raising=False)
+        layer = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5)).cuda()
+        x = torch.randn(4, 8, device="cuda:0", requires_grad=True)
+        checkpoint(layer, x, use_reentrant=False).sum().backward()
+        assert x.grad is not None and x.grad.device.type == "cuda"

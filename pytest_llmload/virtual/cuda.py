@@ -123,6 +123,24 @@ def cuda_replacements(fleet: Fleet) -> dict[str, Any]:
     def noop(*args, **kwargs) -> None:
         return None
 
+    def manual_seed(seed) -> None:  # not torch.manual_seed: that calls torch.cuda.manual_seed_all
+        torch.default_generator.manual_seed(int(seed))
+
+    def reseed() -> None:
+        torch.default_generator.seed()
+
+    def get_rng_state(device="cuda"):
+        card_index(fleet, device)  # an unknown card is CUDA's error
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state, device="cuda") -> None:
+        card_index(fleet, device)
+        torch.set_rng_state(new_state)
+
+    def set_rng_state_all(new_states) -> None:
+        for new_state in new_states:
+            torch.set_rng_state(new_state)
+
     replacements: dict[str, Any] = {
         "is_available": lambda: bool(fleet.cards),
         "device_count": lambda: len(fleet.cards),
@@ -149,18 +167,24 @@ def cuda_replacements(fleet: Fleet) -> dict[str, Any]:
         and (including_emulation or props(0).major >= 8),
         "current_stream": lambda device=None: DefaultStream(card_index(fleet, device)),
         "default_stream": lambda device=None: DefaultStream(card_index(fleet, device)),
-        # Randomness on virtual cards comes from the CPU generator, which torch.manual_seed seeds.
-        "manual_seed": noop,
-        "manual_seed_all": noop,
-        "seed": noop,
-        "seed_all": noop,
+        # Randomness on virtual cards comes from the CPU generator: every card shares it, so seeding a card
+        # seeds it (randn on a card is repeatable after torch.cuda.manual_seed, as on CUDA) and a card's RNG
+        # state is its state (activation checkpointing saves and restores it where real CUDA is initialised).
+        "manual_seed": manual_seed,
+        "manual_seed_all": manual_seed,
+        "seed": reseed,
+        "seed_all": reseed,
+        "initial_seed": torch.initial_seed,
+        "get_rng_state": get_rng_state,
+        "set_rng_state": set_rng_state,
+        "get_rng_state_all": lambda: [torch.get_rng_state() for _ in fleet.cards],
+        "set_rng_state_all": set_rng_state_all,
     }
     for feature in ("Stream", "Event", "ExternalStream", "CUDAGraph", "graph"):
         replacements[feature] = _not_simulated_class(f"torch.cuda.{feature}")
     for feature in (
         "stream", "set_stream", "make_graphed_callables",
-        "graph_pool_handle", "get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all",
-        "caching_allocator_alloc",
+        "graph_pool_handle", "caching_allocator_alloc",
     ):
         replacements[feature] = _not_simulated_function(f"torch.cuda.{feature}")
     return replacements
