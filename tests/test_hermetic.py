@@ -198,26 +198,20 @@ def test_tested_versions_are_the_readme_table():
         assert f"| {dependency} | {low} | {high} |" in text, dependency
 
 
-def test_a_torch_without_an_internal_the_fleet_needs_is_one_line_naming_it(monkeypatch):
-    from pytest_llmload import virtual_gpus
-
-    monkeypatch.delattr(torch.autograd, "_make_grads")
-    with pytest.raises(MissingInternalError, match=r"^virtual GPUs need torch\.autograd\._make_grads, which torch "
-                       r"\S+ lacks \(tested: torch [\d.]+ to [\d.]+\)$"):
-        with virtual_gpus("2x64MiB"):
-            pass
-    monkeypatch.undo()
-    assert torch.cuda.is_available() == MACHINE_CUDA
-
-
-def test_a_transformers_without_a_patch_target_fails_the_fleet_start_loudly(monkeypatch):
-    import transformers.core_model_loading as loading
+@pytest.mark.parametrize("module, name, message", [
+    ("torch.autograd", "_make_grads",
+     r"^virtual GPUs need torch\.autograd\._make_grads, which torch \S+ lacks \(tested: torch [\d.]+ to [\d.]+\)$"),
+    ("transformers.core_model_loading", "_materialize_copy",  # a patch target: once skipped silently
+     r"^virtual GPUs need transformers\.core_model_loading\._materialize_copy, which transformers \S+ lacks"),
+])
+def test_a_dependency_without_an_internal_the_fleet_needs_fails_its_start_in_one_line(monkeypatch, module, name,
+                                                                                      message):
+    import importlib
 
     from pytest_llmload import virtual_gpus
 
-    monkeypatch.delattr(loading, "_materialize_copy")
-    with pytest.raises(MissingInternalError, match=r"virtual GPUs need transformers\.core_model_loading\."
-                       r"_materialize_copy, which transformers \S+ lacks"):
+    monkeypatch.delattr(importlib.import_module(module), name)
+    with pytest.raises(MissingInternalError, match=message):
         with virtual_gpus("2x64MiB"):
             pass
     monkeypatch.undo()

@@ -252,13 +252,11 @@ def test_decorator_form():
         lambda: torch.cuda.Event(),
         lambda: torch.cuda.graph(None),
         lambda: torch.cuda.CUDAGraph(),
-        lambda: torch.cuda.get_rng_state(),
-        lambda: torch.cuda.set_rng_state(torch.zeros(1, dtype=torch.uint8)),
         lambda: torch.zeros(2).pin_memory(),
         lambda: torch.autocast("cuda"),
         lambda: torch.cuda.current_stream().wait_stream(None),
     ],
-    ids=["Stream", "Event", "graph", "CUDAGraph", "get_rng_state", "set_rng_state", "pin_memory", "autocast", "wait_stream"],
+    ids=["Stream", "Event", "graph", "CUDAGraph", "pin_memory", "autocast", "wait_stream"],
 )
 def test_not_simulated_features_raise_a_clear_error(action):
     with virtual_gpus("2x64MiB"):
