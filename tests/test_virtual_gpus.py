@@ -221,7 +221,7 @@ def test_everything_restored_on_exit_also_after_an_exception():
             1 / 0
     assert _patched_objects() == before
     assert torch.device("cpu") == torch.zeros(1).to("cpu").device
-    if not MACHINE_CUDA:
+    if not torch.backends.cuda.is_built():
         with pytest.raises(RuntimeError):
             torch.device(0)  # a CPU build again
 
