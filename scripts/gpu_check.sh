@@ -5,7 +5,8 @@
 #   1. tests/test_gpu.py + tests/test_hardware.py under --llm-require-gpus;
 #   2. the examples suite on the real card: --llm-device-map=cuda:0 and sequential x fp16/bf16/int8/nf4;
 #   3. hermetic loads on a real card: the examples with HF_ENDPOINT at a local counting server: 0 requests;
-#   4. the virtual fleet started in a process that also has real CUDA (tests/test_virtual_gpus.py).
+#   4. the virtual fleet started in a process that also has real CUDA (tests/test_virtual_gpus.py);
+#   5. one workload on the real card and on a virtual card of its size (scripts/real_vs_virtual.py).
 # Logs and one JSON of figures go to $OUT (or /tmp/gpu-check) - at most 8 files.
 #
 # Where bitsandbytes is not installed, put its wheel in .whl/ first (for the device tool's machines:
@@ -64,11 +65,13 @@ print(r.stdout[-1500:], r.stderr[-800:])
 print("requests to the hub:", len(requests), requests[:5])
 sys.exit(r.returncode or (1 if requests else 0))
 PY
-step fleet-beside-cuda 90 "${pytest_q[@]}" tests/test_virtual_gpus.py tests/test_load_path.py -x
+step fleet-beside-cuda 90 "${pytest_q[@]}" tests/test_virtual_gpus.py tests/test_load_path.py
+step real-vs-virtual 90 python3 scripts/real_vs_virtual.py "$out/real-vs-virtual.json"
 python3 - "$out" <<PY
 import json, sys
 rc = {"gpu-tests": ${rc[gpu-tests]}, "examples-on-gpu": ${rc[examples-on-gpu]},
-      "hermetic-on-gpu": ${rc[hermetic-on-gpu]}, "fleet-beside-cuda": ${rc[fleet-beside-cuda]}}
+      "hermetic-on-gpu": ${rc[hermetic-on-gpu]}, "fleet-beside-cuda": ${rc[fleet-beside-cuda]},
+      "real-vs-virtual": ${rc[real-vs-virtual]}}
 json.dump({"exit_codes": rc}, open(sys.argv[1] + "/gpu-check.json", "w"), indent=1)
 print("gpu_check:", rc)
 sys.exit(1 if any(rc.values()) else 0)
