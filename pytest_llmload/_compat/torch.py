@@ -23,6 +23,8 @@ FLEET_INTERNALS = (
     "torch.utils.checkpoint._DEFAULT_DETERMINISM_MODE",
     "torch.amp.autocast_mode.autocast",
     "torch.accelerator",
+    "torch._dynamo.eval_frame.OptimizedModule",
+    "torch._dynamo.eval_frame.DisableContext",
 )
 
 
@@ -31,3 +33,11 @@ def check_fleet_internals(names: tuple[str, ...] = FLEET_INTERNALS) -> None:
     for name in names:
         if resolve(name) is None:
             raise missing_internal("virtual GPUs need", "torch", name)
+
+
+def eager_optimized_module(module):
+    """What ``torch.compile(module)`` returns (an ``OptimizedModule`` with ``_orig_mod``), running eagerly:
+    dynamo disabled for its forward (a virtual card's tensors cannot be traced)."""
+    from torch._dynamo.eval_frame import DisableContext, OptimizedModule
+
+    return OptimizedModule(module, DisableContext())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -123,6 +124,25 @@ def cuda_replacements(fleet: Fleet) -> dict[str, Any]:
     def noop(*args, **kwargs) -> None:
         return None
 
+    def set_fraction(fraction, device=None) -> None:
+        """CUDA's cap on what this process may allocate on a card: the card's own limit (an OOM past it)."""
+        if not isinstance(fraction, float):  # CUDA's own checks, word for word
+            raise TypeError("Invalid type for fraction argument, must be `float`")
+        if fraction < 0 or fraction > 1:
+            raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
+        chosen = card(device)
+        with fleet.lock:
+            chosen.limit = int(chosen.total_memory * fraction)
+            chosen.reserved = min(chosen.reserved, max(chosen.allocated, chosen.limit))
+
+    def summary(device=None) -> str:
+        index = card_index(fleet, device)
+        chosen = fleet.cards[index]
+        return (f"|  virtual GPU {index} ({chosen.spec.name}, pytest-llmload): a CPU-backed card\n"
+                f"|  allocated {chosen.allocated} bytes (peak {chosen.peak_allocated}); "
+                f"reserved {chosen.reserved} bytes (peak {chosen.peak_reserved}); "
+                f"capacity {chosen.total_memory} bytes\n")
+
     def manual_seed(seed) -> None:  # not torch.manual_seed: that calls torch.cuda.manual_seed_all
         torch.default_generator.manual_seed(int(seed))
 
@@ -180,6 +200,18 @@ def cuda_replacements(fleet: Fleet) -> dict[str, Any]:
         "get_rng_state_all": lambda: [torch.get_rng_state() for _ in fleet.cards],
         "set_rng_state_all": set_rng_state_all,
     }
+    replacements.update(
+        memory_summary=lambda device=None, abbreviated=False: summary(device),
+        memory_snapshot=lambda *args, **kwargs: [],  # no segments: a virtual card has no caching allocator
+        can_device_access_peer=lambda device, peer: (card_index(fleet, device), card_index(fleet, peer)) and True,
+        reset_accumulated_memory_stats=lambda device=None: (card_index(fleet, device), None)[1],
+        ipc_collect=noop,
+        get_sync_debug_mode=lambda: 0,
+        set_sync_debug_mode=lambda debug_mode: None,
+        is_current_stream_capturing=lambda: False,
+        device_of=lambda obj: device(obj.get_device() if obj.is_cuda else -1),
+        set_per_process_memory_fraction=set_fraction,
+    )
     for feature in ("Stream", "Event", "ExternalStream", "CUDAGraph", "graph"):
         replacements[feature] = _not_simulated_class(f"torch.cuda.{feature}")
     for feature in (
@@ -212,6 +244,17 @@ def accelerator_replacements(fleet: Fleet, cuda: dict[str, Any]) -> dict[str, An
     }
 
 
+def accelerator_memory_replacements(cuda: dict[str, Any]) -> dict[str, Any]:
+    """``torch.accelerator.memory``: its functions read ``memory_stats`` of this module; the fleet answers."""
+    return {
+        "memory_stats": cuda["memory_stats"],
+        "empty_cache": cuda["empty_cache"],
+        "get_memory_info": cuda["mem_get_info"],
+        "reset_peak_memory_stats": cuda["reset_peak_memory_stats"],
+        "reset_accumulated_memory_stats": cuda["reset_accumulated_memory_stats"],
+    }
+
+
 def _autocast_guard(original_init):
     @functools.wraps(original_init)
     def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
@@ -233,14 +276,39 @@ _compile_warned = False
 
 
 def _eager_compile(model=None, **kwargs):
-    """``torch.compile`` inside a fleet: dynamo cannot trace virtual tensors, so the model runs eagerly."""
+    """``torch.compile`` inside a fleet: dynamo cannot trace virtual tensors, so it runs eagerly; a module
+    still comes back as what torch returns (an ``OptimizedModule`` whose ``_orig_mod`` is the module)."""
     global _compile_warned
     if not _compile_warned:
         _compile_warned = True
         warnings.warn("torch.compile runs eagerly on virtual GPUs (pytest-llmload)", stacklevel=2)
     if model is None:
-        return lambda fn: fn
+        return lambda fn: _eager_compile(fn)
+    if isinstance(model, torch.nn.Module):
+        from .._compat.torch import eager_optimized_module
+
+        return eager_optimized_module(model)
     return model
+
+
+def _load_onto_cards(fleet: Fleet, original):
+    """``torch.load(f, map_location="cuda:1")`` (a device, a string or a card number): loaded on the CPU, then
+    put on that card, as CUDA would. Other map_locations (dicts, callables) go to torch as given."""
+    from torch.utils._pytree import tree_map_only
+
+    from .mode import resolve_device
+
+    @functools.wraps(original)
+    def load(f, map_location=None, *args, **kwargs):
+        target = None
+        if isinstance(map_location, (str, torch.device, int)) and not isinstance(map_location, bool):
+            target = resolve_device(fleet, map_location)
+        if target is None or target.type != "cuda":
+            return original(f, map_location, *args, **kwargs)
+        loaded = original(f, "cpu", *args, **kwargs)
+        return tree_map_only(torch.Tensor, lambda t: t.to(target), loaded)
+
+    return load
 
 
 def _submit_guard(fleet: Fleet, original_submit, mode_factory):
@@ -312,7 +380,12 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
             for name, value in accelerator_replacements(fleet, cuda).items()
             if hasattr(torch.accelerator, name)
         ]
+    accelerator_memory = sys.modules.get("torch.accelerator.memory")
+    if accelerator_memory is not None:
+        targets += [(accelerator_memory, name, value)
+                    for name, value in accelerator_memory_replacements(cuda).items() if hasattr(accelerator_memory, name)]
     targets.append((torch, "compile", _eager_compile))
+    targets.append((torch, "load", _load_onto_cards(fleet, torch.load)))
     # one process driving several cards through NCCL-less scatter/gather (torch._C._scatter is CUDA-only)
     targets.append((torch.nn.DataParallel, "__init__", _not_simulated_function("torch.nn.DataParallel")))
     autocast = torch.amp.autocast_mode.autocast

@@ -185,6 +185,17 @@ def _not_simulated(feature):
     return handler
 
 
+def _pin_memory(fleet, func, args, kwargs):
+    """``t.pin_memory()``: a pinned buffer is ordinary host memory here (a copy, as CUDA makes); a card
+    tensor cannot be pinned, as on CUDA."""
+    tensor = args[0]
+    if type(tensor) in _CARD_OF:
+        legacy = _Tensor.type(tensor).replace("torch.", "torch.cuda.", 1)
+        raise RuntimeError(f"cannot pin '{legacy}' only dense CPU tensors can be pinned")
+    with torch.no_grad():
+        return _Tensor.clone(tensor)
+
+
 def _storages(values) -> set[int]:
     found = set()
     for value in values:
@@ -197,7 +208,7 @@ def _storages(values) -> set[int]:
 
 def _factory(fleet, func, args, kwargs):
     """A call with ``device=``: run it on the CPU and put the result on the card asked for."""
-    target = resolve_device(fleet, kwargs["device"])
+    target = resolve_device(fleet, kwargs.get("device"))
     if kwargs.get("pin_memory"):
         # Libraries ask for pinned host buffers once torch.cuda.is_available() (safetensors reading offloaded
         # weights does): host memory on a CPU-only machine, same values. Tensor.pin_memory() itself raises.
@@ -236,6 +247,8 @@ def _type(fleet, func, args, kwargs):
     """``t.type()`` says ``torch.cuda.FloatTensor`` on a card; ``t.type("torch.cuda.HalfTensor")`` moves there."""
     tensor = args[0]
     target = args[1] if len(args) > 1 else kwargs.get("dtype")
+    if isinstance(target, type) and not issubclass(target, _Tensor):  # torch.cuda.FloatTensor, a legacy type
+        target = f"{target.__module__}.{target.__name__}"
     virtual = type(tensor) in _CARD_OF
     if target is None:
         name = func(tensor)
@@ -471,7 +484,7 @@ _HANDLERS = {
     _Tensor.cpu: _cpu,
     _Tensor.type_as: _type_as,
     _Tensor.numpy: _numpy,
-    _Tensor.pin_memory: _not_simulated("pin_memory"),
+    _Tensor.pin_memory: _pin_memory,
     _Tensor.record_stream: _not_simulated("Tensor.record_stream (CUDA streams)"),
     _Tensor.histc: _histc,
     torch.histc: _histc,
@@ -560,7 +573,7 @@ class VirtualDeviceMode(TorchFunctionMode):
         if special is not None:
             return special(self.fleet, func, args, kwargs or {})
         if kwargs:
-            if "device" in kwargs:
+            if "device" in kwargs or kwargs.get("pin_memory"):
                 return _factory(self.fleet, func, args, kwargs)
             index = _check_devices(args, kwargs, self.strict)
             out = func(*args, **kwargs)

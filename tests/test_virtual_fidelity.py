@@ -1,0 +1,97 @@
+"""Virtual fleet fidelity (issue 22): what code written for real cards does, done as CUDA would.
+
+Each test failed on the fleet before: the wrapper of torch.compile vanished, torch.cuda and
+torch.accelerator memory calls raised torch-internal errors, pinned buffers raised.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from pytest_llmload import virtual_gpus
+
+
+@pytest.fixture
+def fleet():
+    with virtual_gpus("2x64MiB") as running:
+        yield running
+
+
+def test_torch_compile_of_a_module_returns_an_optimized_module_that_runs_eagerly(fleet):
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    module = torch.nn.Linear(4, 4).cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(module)
+        decorated = torch.compile()(module)  # the decorator form too
+    assert isinstance(compiled, OptimizedModule) and compiled._orig_mod is module
+    assert isinstance(decorated, OptimizedModule) and decorated._orig_mod is module
+    x = torch.ones(2, 4, device="cuda:0")
+    out = compiled(x)
+    assert out.device == torch.device("cuda:0") and torch.equal(out, module(x))
+
+
+def test_memory_introspection_answers_from_the_cards(fleet):
+    x = torch.ones(1024, device="cuda:1")
+    assert torch.accelerator.memory_allocated(1) == torch.cuda.memory_allocated(1) >= x.nbytes
+    assert torch.accelerator.memory.memory_allocated(0) == torch.cuda.memory_allocated(0)
+    assert torch.accelerator.memory.memory_stats(1)["allocated_bytes.all.current"] == torch.cuda.memory_allocated(1)
+    summary = torch.cuda.memory_summary(1)
+    assert "virtual GPU 1" in summary and str(torch.cuda.memory_allocated(1)) in summary
+    assert torch.cuda.memory_snapshot() == []
+    assert torch.cuda.can_device_access_peer(0, 1) is True
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        torch.cuda.can_device_access_peer(0, 7)
+    torch.cuda.reset_accumulated_memory_stats(1)
+    torch.cuda.ipc_collect()
+    assert torch.cuda.get_sync_debug_mode() == 0 and torch.cuda.is_current_stream_capturing() is False
+    with torch.cuda.device_of(x):
+        assert torch.cuda.current_device() == 1
+    assert torch.cuda.current_device() == 0
+
+
+def test_pinned_host_buffers_are_host_memory_and_a_card_tensor_cannot_be_pinned(fleet):
+    assert torch.empty(2, pin_memory=True).device == torch.device("cpu")
+    host = torch.arange(4.0)
+    pinned = host.pin_memory()
+    assert pinned.device == torch.device("cpu") and torch.equal(pinned, host) and pinned is not host
+    with pytest.raises(RuntimeError, match=r"cannot pin 'torch\.cuda\.FloatTensor' only dense CPU tensors"):
+        torch.ones(2, device="cuda:0").pin_memory()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(6.0)), batch_size=2,
+                                         pin_memory=True)
+    assert [batch[0].tolist() for batch in loader] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+
+
+def test_legacy_cuda_tensor_types_move_tensors_onto_the_card(fleet):
+    on_card = torch.ones(2, device="cuda:0").type(torch.cuda.HalfTensor)
+    assert on_card.dtype == torch.float16 and on_card.device == torch.device("cuda:0")
+    assert torch.ones(2).type(torch.cuda.FloatTensor).device.type == "cuda"
+
+
+def test_torch_load_onto_a_card(fleet, tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save({"w": torch.arange(3.0), "steps": 7}, path)
+    loaded = torch.load(path, map_location="cuda:1")
+    assert loaded["w"].device == torch.device("cuda:1") and loaded["steps"] == 7
+    assert torch.equal(loaded["w"].cpu(), torch.arange(3.0))
+    assert torch.load(path, map_location="cuda")["w"].device == torch.device("cuda:0")
+    assert torch.load(path)["w"].device == torch.device("cpu")  # saved from the CPU: loads there
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        torch.load(path, map_location="cuda:5")
+
+
+def test_a_memory_fraction_caps_the_card_with_cudas_oom(fleet):
+    torch.cuda.set_per_process_memory_fraction(0.5, 0)
+    with pytest.raises(torch.OutOfMemoryError):
+        torch.empty(40 * 2**20, dtype=torch.uint8, device="cuda:0")
+    kept = torch.empty(20 * 2**20, dtype=torch.uint8, device="cuda:0")
+    assert kept.device == torch.device("cuda:0")
+    torch.empty(40 * 2**20, dtype=torch.uint8, device="cuda:1")  # the other card is not capped
+    with pytest.raises(ValueError, match="Invalid fraction value: 2.0"):
+        torch.cuda.set_per_process_memory_fraction(2.0, 0)
+    with pytest.raises(TypeError, match="must be `float`"):
+        torch.cuda.set_per_process_memory_fraction(1, 0)
