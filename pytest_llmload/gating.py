@@ -145,6 +145,15 @@ class Gate:
             lines = [self.inventory.describe()]
         else:
             lines = [self._inventory.describe() if self._inventory is not None else header_line()]
+        from .virtual import active_fleet
+
+        fleet = active_fleet()
+        if fleet is not None:
+            from .virtual.fleet import host_ram_note
+
+            note = host_ram_note(fleet.specs)
+            if note:
+                lines.append(f"llmload: warning: {note}")
         if self.options.hub_kernels and virtual_gpus_now():
             lines.append("llmload: --llm-hub-kernels: hub kernels never apply on virtual GPUs (their CUDA code "
                          "cannot run on CPU cards); loads there pass use_kernels=False")

@@ -95,3 +95,29 @@ def test_a_memory_fraction_caps_the_card_with_cudas_oom(fleet):
         torch.cuda.set_per_process_memory_fraction(2.0, 0)
     with pytest.raises(TypeError, match="must be `float`"):
         torch.cuda.set_per_process_memory_fraction(1, 0)
+
+
+def test_a_card_bigger_than_the_hosts_ram_raises_cudas_oom_saying_the_host_could_not_back_it():
+    import psutil
+
+    available = psutil.virtual_memory().available
+    size = 2 * (psutil.virtual_memory().total + (psutil.swap_memory().total or 0))  # no host can back this
+    with virtual_gpus(f"1x{2 * size}B"):
+        with pytest.raises(torch.OutOfMemoryError, match=r"^CUDA out of memory\. Tried to allocate .*\(virtual GPU: "
+                           r"the host could not back it: [\d.]+ [KMG]iB of RAM available\)$"):
+            torch.empty(size, dtype=torch.uint8, device="cuda:0")
+        with pytest.raises(torch.OutOfMemoryError, match=r"a CPU-backed card of this pytest-llmload fleet"):
+            torch.empty(4 * size, dtype=torch.uint8, device="cuda:0")  # past the card itself
+        assert torch.cuda.memory_allocated(0) == 0
+    assert available > 0
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):  # the user's own CPU allocation: the host's error
+        torch.empty(size, dtype=torch.uint8)
+
+
+def test_the_header_warns_when_the_fleet_holds_more_than_the_hosts_ram(pytester):
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("--llm-virtual-gpus=2x4096GiB", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["llmload: warning: virtual GPUs 2x4.0 TiB hold 8.0 TiB, more than this host's * of "
+                                 "available RAM: an allocation the host cannot back raises CUDA's out-of-memory error"])
+    small = pytester.runpytest_subprocess("--llm-virtual-gpus=2x64MiB", "-p", "no:cacheprovider")
+    assert "warning: virtual GPUs" not in small.stdout.str()

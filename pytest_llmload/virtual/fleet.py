@@ -71,6 +71,19 @@ def parse_virtual_spec(spec: object, name: str | None = None) -> list[CardSpec]:
     return cards
 
 
+def host_ram_note(cards: list[CardSpec]) -> str | None:
+    """A warning for the header when the cards hold more than this host's available RAM, else None."""
+    import psutil
+
+    capacity = sum(card.total_memory for card in cards)
+    available = psutil.virtual_memory().available
+    if capacity <= available:
+        return None
+    return (f"virtual GPUs {describe_fleet(cards)} hold {format_size(capacity)}, more than this host's "
+            f"{format_size(available)} of available RAM: an allocation the host cannot back raises CUDA's "
+            "out-of-memory error")
+
+
 def describe_fleet(cards: list[CardSpec]) -> str:
     """``2x64.0 MiB`` or ``24.0 GiB,16.0 GiB`` (the header's words for a fleet)."""
     sizes = [format_size(card.total_memory) for card in cards]
@@ -191,17 +204,20 @@ class Fleet:
         with self.lock:
             self.cards[index].allocated -= rounded
 
-    def out_of_memory(self, index: int, num_bytes: int) -> BaseException:
+    def out_of_memory(self, index: int, num_bytes: int, *, host_available: int | None = None) -> BaseException:
+        """CUDA's OOM for card ``index``; with ``host_available``, the card had room but the host's RAM could
+        not back the allocation (a card bigger than the RAM free on this machine)."""
         import torch
 
         card = self.cards[index]
+        why = ("virtual GPU: a CPU-backed card of this pytest-llmload fleet" if host_available is None else
+               f"virtual GPU: the host could not back it: {format_size(host_available)} of RAM available")
         free = max(card.total_memory - card.reserved, 0)
         return torch.OutOfMemoryError(
             f"CUDA out of memory. Tried to allocate {cuda_format_size(num_bytes)}. GPU {index} has a total "
             f"capacity of {cuda_format_size(card.total_memory)} of which {cuda_format_size(free)} is free. "
             f"Of the allocated memory {cuda_format_size(card.allocated)} is allocated by PyTorch, and "
-            f"{cuda_format_size(card.reserved - card.allocated)} is reserved by PyTorch but unallocated. "
-            "(virtual GPU: a CPU-backed card of this pytest-llmload fleet)"
+            f"{cuda_format_size(card.reserved - card.allocated)} is reserved by PyTorch but unallocated. ({why})"
         )
 
     def empty_cache(self) -> None:

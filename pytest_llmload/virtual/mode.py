@@ -185,6 +185,27 @@ def _not_simulated(feature):
     return handler
 
 
+def _host_out_of_memory(fleet, exc: BaseException, args, kwargs) -> BaseException:
+    """The host's allocator could not back a card's allocation: CUDA's OOM type for the card of the call."""
+    import re
+
+    import psutil
+
+    index = _check_devices(args, kwargs or {}, False)
+    device = (kwargs or {}).get("device")
+    if index < 0 and device is not None:
+        target = resolve_device(fleet, device)
+        index = target.index if target is not None and target.type == "cuda" else -1
+    if index < 0:
+        return exc  # a CPU allocation of the user's: the host's own error
+    found = re.search(r"allocate (\d+) bytes", str(exc))
+    wanted = int(found.group(1)) if found else 0
+    card = fleet.cards[index]
+    if wanted > card.total_memory - card.allocated:  # past the card itself: the card's own OOM
+        return fleet.out_of_memory(index, wanted)
+    return fleet.out_of_memory(index, wanted, host_available=psutil.virtual_memory().available)
+
+
 def _pin_memory(fleet, func, args, kwargs):
     """``t.pin_memory()``: a pinned buffer is ordinary host memory here (a copy, as CUDA makes); a card
     tensor cannot be pinned, as on CUDA."""
@@ -567,44 +588,49 @@ class VirtualDeviceMode(TorchFunctionMode):
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        special = _SPECIAL.get(func, _UNSEEN)
-        if special is _UNSEEN:
-            special = _SPECIAL[func] = _classify(func)
-        if special is not None:
-            return special(self.fleet, func, args, kwargs or {})
-        if kwargs:
-            if "device" in kwargs or kwargs.get("pin_memory"):
-                return _factory(self.fleet, func, args, kwargs)
-            index = _check_devices(args, kwargs, self.strict)
-            out = func(*args, **kwargs)
-        else:
-            # the common case: _check_devices' rule for positional args written out here (no Python call per
-            # torch call), since every call of a forward pass comes through here
-            index, plain = -1, None
-            for value in args:
-                card = _card_get(type(value))
-                if card is not None:
-                    if card != index:
-                        if index >= 0:
-                            raise mixed_devices_error(f"cuda:{index}", f"cuda:{card}")
-                        index = card
-                elif type(value) is list or type(value) is tuple:
-                    index = _check_devices(args, None, self.strict)
-                    break
-                elif plain is None and isinstance(value, _Tensor) and value.dim() != 0:
-                    plain = value
-            if index >= 0 and plain is not None and self.strict:
-                raise mixed_devices_error(f"cuda:{index}", str(plain.device))
-            out = func(*args)
-        if index >= 0:
-            if type(out) is _Tensor:
+        try:  # zero-cost until an exception: the host's allocator failing is CUDA's OOM on a card
+            special = _SPECIAL.get(func, _UNSEEN)
+            if special is _UNSEEN:
+                special = _SPECIAL[func] = _classify(func)
+            if special is not None:
+                return special(self.fleet, func, args, kwargs or {})
+            if kwargs:
+                if "device" in kwargs or kwargs.get("pin_memory"):
+                    return _factory(self.fleet, func, args, kwargs)
+                index = _check_devices(args, kwargs, self.strict)
+                out = func(*args, **kwargs)
+            else:
+                # the common case: _check_devices' rule for positional args written out here (no Python call per
+                # torch call), since every call of a forward pass comes through here
+                index, plain = -1, None
                 for value in args:
-                    if value is out:
-                        return out
-                # adopt(out, index), inline: a new tensor of a call on card tensors
-                out.__class__ = _CARD_CLASSES[index]
-                if _tensor_module.active_fleet is not None and out._base is None:
-                    charge(out, index)
-            elif out is not None and type(out) not in _CARD_OF:
-                adopt_outputs(out, index, args)
-        return out
+                    card = _card_get(type(value))
+                    if card is not None:
+                        if card != index:
+                            if index >= 0:
+                                raise mixed_devices_error(f"cuda:{index}", f"cuda:{card}")
+                            index = card
+                    elif type(value) is list or type(value) is tuple:
+                        index = _check_devices(args, None, self.strict)
+                        break
+                    elif plain is None and isinstance(value, _Tensor) and value.dim() != 0:
+                        plain = value
+                if index >= 0 and plain is not None and self.strict:
+                    raise mixed_devices_error(f"cuda:{index}", str(plain.device))
+                out = func(*args)
+            if index >= 0:
+                if type(out) is _Tensor:
+                    for value in args:
+                        if value is out:
+                            return out
+                    # adopt(out, index), inline: a new tensor of a call on card tensors
+                    out.__class__ = _CARD_CLASSES[index]
+                    if _tensor_module.active_fleet is not None and out._base is None:
+                        charge(out, index)
+                elif out is not None and type(out) not in _CARD_OF:
+                    adopt_outputs(out, index, args)
+            return out
+        except RuntimeError as exc:
+            if "DefaultCPUAllocator" not in str(exc):
+                raise
+            raise _host_out_of_memory(self.fleet, exc, args, kwargs) from None
