@@ -121,3 +121,30 @@ def test_the_header_warns_when_the_fleet_holds_more_than_the_hosts_ram(pytester)
                                  "available RAM: an allocation the host cannot back raises CUDA's out-of-memory error"])
     small = pytester.runpytest_subprocess("--llm-virtual-gpus=2x64MiB", "-p", "no:cacheprovider")
     assert "warning: virtual GPUs" not in small.stdout.str()
+
+
+def test_set_default_device_to_a_card_behaves_like_the_device_context(fleet):
+    torch.set_default_device("cuda:1")
+    try:
+        assert torch.zeros(2).device == torch.device("cuda:1")
+        assert torch.get_default_device() == torch.device("cuda:1")
+        assert torch.nn.Linear(2, 2).weight.device == torch.device("cuda:1")
+        with pytest.raises(RuntimeError, match="invalid device ordinal"):
+            torch.set_default_device("cuda:7")
+    finally:
+        torch.set_default_device(None)
+    assert torch.zeros(2).device == torch.device("cpu")
+    with torch.device("cuda:0"):
+        assert torch.ones(1).device == torch.device("cuda:0")
+
+
+def test_a_card_default_set_before_the_fleet_applies_in_it_and_is_the_users_again_after():
+    torch.set_default_device("cuda:0")
+    try:
+        with virtual_gpus("1x64MiB"):
+            assert torch.zeros(2).device == torch.device("cuda:0")
+            torch.set_default_device("cuda:0")  # set again inside: still one default
+        assert torch.get_default_device() == torch.device("cuda:0")
+    finally:
+        torch.set_default_device(None)
+    assert torch.zeros(2).device == torch.device("cpu")

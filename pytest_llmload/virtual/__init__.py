@@ -32,6 +32,8 @@ class _Runtime:
     """One running fleet: its patches, its mode on the starting thread."""
 
     def __init__(self, cards: list[CardSpec]) -> None:
+        import torch
+
         from .._compat.torch import check_fleet_internals
 
         check_fleet_internals()  # one line naming the first internal this torch lacks
@@ -53,6 +55,7 @@ class _Runtime:
         self.tensor_module = tensor
         self.mode = VirtualDeviceMode(self.fleet)
         self.saved: list[tuple[Any, str, Any, bool]] = []
+        self.prior_default = torch.device("cpu")
         try:
             for obj, name, value in cuda.patch_targets(self.fleet, lambda: VirtualDeviceMode(self.fleet)):
                 had = name in vars(obj) if isinstance(obj, type) else hasattr(obj, name)
@@ -61,6 +64,10 @@ class _Runtime:
             _clear_availability_caches()
             tensor.active_fleet = self.fleet
             self.mode.__enter__()
+            # a cuda default device set before the fleet started now means the fleet's card
+            self.prior_default = torch.get_default_device()
+            if self.prior_default.type == "cuda":
+                torch.set_default_device(self.prior_default)
         except BaseException:
             self.restore()
             raise
@@ -76,10 +83,17 @@ class _Runtime:
         _clear_availability_caches()
 
     def stop(self) -> None:
+        import torch
+
         try:
+            card_default, self.fleet.default_device_mode = self.fleet.default_device_mode, None
+            if card_default is not None:
+                card_default.__exit__(None, None, None)
             self.mode.__exit__(None, None, None)
         finally:
             self.restore()
+            if self.prior_default.type == "cuda":
+                torch.set_default_device(self.prior_default)  # the user's setting, as before the fleet
 
 
 def _clear_availability_caches() -> None:

@@ -311,6 +311,46 @@ def _load_onto_cards(fleet: Fleet, original):
     return load
 
 
+def _card_default_context(device):
+    """``torch.set_default_device("cuda:N")`` inside a fleet: a ``DeviceContext`` pushed *above* the fleet's mode.
+    torch puts its own at the bottom of the mode stack, below the fleet, where the device it adds reaches the
+    CPU build (``Could not run 'aten::empty.memory_format' with arguments from the 'CUDA' backend``)."""
+    import torch.utils._device as device_module
+    from torch.overrides import TorchFunctionMode
+
+    class CardDefault(device_module.DeviceContext):
+        def __enter__(self):
+            self.old_device = device_module.CURRENT_DEVICE
+            device_module.CURRENT_DEVICE = self.device
+            return TorchFunctionMode.__enter__(self)
+
+        def __exit__(self, *exc):
+            device_module.CURRENT_DEVICE = self.old_device
+            return TorchFunctionMode.__exit__(self, *exc)
+
+    return CardDefault(device)
+
+
+def _default_device_setter(fleet: Fleet, original):
+    from .mode import resolve_device
+
+    @functools.wraps(original)
+    def set_default_device(device):
+        previous, fleet.default_device_mode = fleet.default_device_mode, None
+        if previous is not None:
+            previous.__exit__(None, None, None)
+        target = resolve_device(fleet, device) if device is not None else None
+        if target is None or target.type != "cuda":
+            return original(device)
+        original(None)
+        mode = _card_default_context(target)
+        mode.__enter__()
+        fleet.default_device_mode = mode
+        return None
+
+    return set_default_device
+
+
 def _submit_guard(fleet: Fleet, original_submit, mode_factory):
     """Thread pools started from a fleet thread (transformers 5 loads weights in one) run in the fleet too."""
 
@@ -386,6 +426,7 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
                     for name, value in accelerator_memory_replacements(cuda).items() if hasattr(accelerator_memory, name)]
     targets.append((torch, "compile", _eager_compile))
     targets.append((torch, "load", _load_onto_cards(fleet, torch.load)))
+    targets.append((torch, "set_default_device", _default_device_setter(fleet, torch.set_default_device)))
     # one process driving several cards through NCCL-less scatter/gather (torch._C._scatter is CUDA-only)
     targets.append((torch.nn.DataParallel, "__init__", _not_simulated_function("torch.nn.DataParallel")))
     autocast = torch.amp.autocast_mode.autocast

@@ -10,6 +10,7 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import LLMLoadUsageError
 from ..sizes import format_size, parse_size
@@ -161,6 +162,7 @@ class Fleet:
     specs: list[CardSpec]
     cards: list[Card] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    default_device_mode: Any = None  # torch.set_default_device("cuda:N") inside the fleet (virtual/cuda.py)
 
     def __post_init__(self) -> None:
         self.cards = [Card(self.specs[i]) for i in visible_ordinals(len(self.specs))]
