@@ -149,6 +149,11 @@ class Gate:
 
         fleet = active_fleet()
         if fleet is not None:
+            from .virtual.pytest_support import inherited_note
+
+            note = inherited_note(config)
+            if note:
+                lines.append(f"llmload: {note}")
             from .virtual.fleet import host_ram_note
 
             note = host_ram_note(fleet.specs)

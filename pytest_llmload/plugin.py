@@ -58,7 +58,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     for line in help_lines():
         config.addinivalue_line("markers", line)
-    fleet = config.getoption("llm_virtual_gpus", None) or config.getini("llm_virtual_gpus")
+    fleet = (config.getoption("llm_virtual_gpus", None) or config.getini("llm_virtual_gpus")
+             or os.environ.get("LLMLOAD_VIRTUAL_GPUS"))  # a parent session's fleet (virtual/pytest_support.py)
     if fleet:
         from .virtual import pytest_support as virtual_support
 
@@ -84,7 +85,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     marker = config.pluginmanager.get_plugin("llmload-virtual-gpus")
     if marker is not None:
         config.pluginmanager.unregister(marker)
-    if config.getoption("llm_virtual_gpus", None) or config.getini("llm_virtual_gpus"):
-        from .virtual import pytest_support as virtual_support
+    import sys
 
+    virtual_support = sys.modules.get("pytest_llmload.virtual.pytest_support")  # imported when a fleet started
+    if virtual_support is not None:
         virtual_support.stop_session_fleet(config)

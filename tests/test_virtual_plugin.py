@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -236,3 +238,31 @@ def test_marker_under_a_session_fleet_runs_on_it_when_the_same_and_skips_otherwi
     result = pytester.runpytest("--llm-virtual-gpus=2x64MiB", "-rs", "-p", "no:randomly")
     result.stdout.fnmatch_lines(["*needs virtual GPUs 4x64.0 MiB; this session runs on virtual GPUs 2x64.0 MiB*"])
     result.assert_outcomes(passed=2, skipped=1)
+
+
+def test_a_child_pytest_inherits_the_sessions_fleet_and_says_so(pytester, monkeypatch):
+    """transformers' run_test_using_subprocess and subprocess.run([python, -m, pytest, ...]) re-run a test in a
+    child: it ran without the fleet, skipped, and the parent passed hollowly."""
+    pytester.makepyfile(child_check="""
+        import torch
+
+        def test_in_the_child():
+            assert torch.cuda.device_count() == 2 and torch.cuda.get_device_properties(1).total_memory == 64 * 2**20
+    """)
+    pytester.makepyfile(test_parent="""
+        import os, subprocess, sys
+
+        def test_rerun_in_a_child():
+            child = subprocess.run([sys.executable, "-m", "pytest", "child_check.py", "-p", "no:cacheprovider",
+                                    "-rs"], capture_output=True, text=True)
+            assert child.returncode == 0, child.stdout + child.stderr
+            assert "1 passed" in child.stdout
+            assert "virtual GPUs 2x64MiB inherited from the parent process (LLMLOAD_VIRTUAL_GPUS)" in child.stdout
+            plain = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                                   capture_output=True, text=True)
+            assert plain.stdout.strip() == str(int(os.environ.get("MACHINE_GPUS", "0")))
+    """)
+    monkeypatch.setenv("MACHINE_GPUS", str(MACHINE_GPUS))
+    result = pytester.runpytest_subprocess("test_parent.py", "--llm-virtual-gpus=2x64MiB", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "LLMLOAD_VIRTUAL_GPUS" not in os.environ

@@ -3,18 +3,32 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ..errors import LLMLoadUsageError
 
 OPTION = "llm_virtual_gpus"
+INHERITED = "LLMLOAD_VIRTUAL_GPUS"  # the session's fleet, for child processes that run pytest with the plugin
 _SESSION_FLEET = pytest.StashKey[object]()
+_INHERITED_SPEC = pytest.StashKey[str]()
 _TEST_FLEET = pytest.StashKey[object]()
 
 
 def session_spec(config: pytest.Config) -> str | None:
+    """The session's fleet: ``--llm-virtual-gpus``, else ``llm_virtual_gpus``, else the parent process's."""
     value = config.getoption(OPTION, None) or config.getini(OPTION)
+    if not value:
+        value = os.environ.get(INHERITED)
     return str(value).strip() or None if value else None
+
+
+def inherited_note(config: pytest.Config) -> str | None:
+    """The header's words when the session runs on a fleet it inherited from its parent process."""
+    spec = config.stash.get(_INHERITED_SPEC, None)
+    return (f"virtual GPUs {spec} inherited from the parent process ({INHERITED}); a child Python that does not "
+            "run pytest with this plugin sees the machine's own GPUs") if spec else None
 
 
 def spec_card_count(value: str | None) -> int | None:
@@ -34,20 +48,32 @@ def start_session_fleet(config: pytest.Config) -> None:
     spec = session_spec(config)
     if spec is None:
         return
-    from . import virtual_gpus
+    from . import active_fleet, virtual_gpus
 
+    inherited = not (config.getoption(OPTION, None) or config.getini(OPTION))
+    if inherited and active_fleet() is not None:
+        return  # an in-process run (pytester) inside the fleet it would inherit: already on it
     try:
         fleet = virtual_gpus(spec)
         fleet.__enter__()
     except LLMLoadUsageError as exc:
-        raise pytest.UsageError(f"--llm-virtual-gpus: {exc}") from None
-    config.stash[_SESSION_FLEET] = fleet
+        source = INHERITED if inherited else "--llm-virtual-gpus"
+        raise pytest.UsageError(f"{source}: {exc}") from None
+    config.stash[_SESSION_FLEET] = (fleet, os.environ.get(INHERITED))
+    if inherited:
+        config.stash[_INHERITED_SPEC] = spec
+    os.environ[INHERITED] = spec  # child processes that run pytest with the plugin start on the same fleet
 
 
 def stop_session_fleet(config: pytest.Config) -> None:
-    fleet = config.stash.get(_SESSION_FLEET, None)
-    if fleet is not None:
+    started = config.stash.get(_SESSION_FLEET, None)
+    if started is not None:
         del config.stash[_SESSION_FLEET]
+        fleet, previous = started
+        if previous is None:
+            os.environ.pop(INHERITED, None)
+        else:
+            os.environ[INHERITED] = previous
         fleet.__exit__(None, None, None)
 
 
