@@ -148,3 +148,39 @@ def test_a_card_default_set_before_the_fleet_applies_in_it_and_is_the_users_agai
     finally:
         torch.set_default_device(None)
     assert torch.zeros(2).device == torch.device("cpu")
+
+
+def test_what_was_compiled_before_the_fleet_runs_eagerly_in_it():
+    module = torch.nn.Linear(4, 4)
+    compiled_module = torch.compile(module)
+    compiled_function = torch.compile(lambda x: torch.relu(x) * 2)
+    with virtual_gpus("1x64MiB"):
+        module.cuda()
+        x = torch.randn(2, 4, device="cuda:0")
+        out = compiled_module(x)
+        assert out.device == torch.device("cuda:0") and torch.equal(out, module(x))
+        assert torch.equal(compiled_function(x), torch.relu(x) * 2)
+
+
+def test_an_out_of_memory_error_shows_the_users_frame_and_cudas_message(pytester):
+    pytester.makepyfile("""
+        import pytest, torch
+
+        @pytest.mark.virtual_gpus("1x64MiB")
+        def test_too_big():
+            torch.empty(128 * 2**20, dtype=torch.uint8, device="cuda:0")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    text = result.stdout.str()
+    assert "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 128.00 MiB" in text
+    assert "torch.empty(128 * 2**20" in text
+    assert "virtual/mode.py" not in text and "virtual/fleet.py" not in text and "self = Fleet(" not in text
+
+
+def test_a_card_tensor_that_outlived_its_fleet_can_be_brought_to_the_cpu():
+    with virtual_gpus("2x64MiB"):
+        left_over = torch.arange(3.0, device="cuda:1")
+    for moved in (left_over.cpu(), left_over.to("cpu"), left_over.to("cpu", torch.float16)):
+        assert type(moved) is torch.Tensor and moved.device == torch.device("cpu")
+        assert moved.tolist() == [0.0, 1.0, 2.0]

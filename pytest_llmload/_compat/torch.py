@@ -25,6 +25,7 @@ FLEET_INTERNALS = (
     "torch.accelerator",
     "torch._dynamo.eval_frame.OptimizedModule",
     "torch._dynamo.eval_frame.DisableContext",
+    "torch._dynamo.config.disable",
 )
 
 

@@ -425,6 +425,10 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
         targets += [(accelerator_memory, name, value)
                     for name, value in accelerator_memory_replacements(cuda).items() if hasattr(accelerator_memory, name)]
     targets.append((torch, "compile", _eager_compile))
+    import torch._dynamo.config as dynamo_config
+
+    # what was compiled before the fleet started runs eagerly in it too (dynamo cannot trace a card's tensors)
+    targets.append((dynamo_config, "disable", True))
     targets.append((torch, "load", _load_onto_cards(fleet, torch.load)))
     targets.append((torch, "set_default_device", _default_device_setter(fleet, torch.set_default_device)))
     # one process driving several cards through NCCL-less scatter/gather (torch._C._scatter is CUDA-only)

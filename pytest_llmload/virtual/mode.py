@@ -630,7 +630,11 @@ class VirtualDeviceMode(TorchFunctionMode):
                 elif out is not None and type(out) not in _CARD_OF:
                     adopt_outputs(out, index, args)
             return out
+        except torch.OutOfMemoryError as exc:
+            __tracebackhide__ = True  # the user's frame and CUDA's message, not the fleet's internals
+            raise exc.with_traceback(None) from None
         except RuntimeError as exc:
             if "DefaultCPUAllocator" not in str(exc):
                 raise
+            __tracebackhide__ = True
             raise _host_out_of_memory(self.fleet, exc, args, kwargs) from None

@@ -99,9 +99,16 @@ class VirtualTensor(torch.Tensor):
         with _NoTorchFunction():
             return _size(self) if dim is None else _size(self, dim)
 
+    def cpu(self, *args, **kwargs):  # type: ignore[override]
+        if active_fleet is None:
+            return _left_over_to_cpu(self)
+        return _Tensor.cpu(self, *args, **kwargs)
+
     def to(self, *args, **kwargs):  # type: ignore[override]
         # accelerate's hooks send every module input to its device, mostly where it already is: answered
         # here; every other form goes through the fleet mode (mode.py, ``_to``)
+        if active_fleet is None:  # a card tensor that outlived its fleet: it can still be brought home
+            return _Tensor.to(_left_over_to_cpu(self), *args, **kwargs)
         if len(args) == 1 and (not kwargs or (len(kwargs) == 1 and "non_blocking" in kwargs)):
             device = args[0]
             if (type(device) is torch.device and device.index == self._index and device.type == "cuda") or (
@@ -242,6 +249,14 @@ def _settle(entry: _Charge) -> None:
     if _charged.get(entry.ptr) is entry:
         del _charged[entry.ptr]
 
+
+
+def _left_over_to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a card tensor whose fleet has ended, as a plain CPU tensor (what ``.cpu()`` gives)."""
+    with _NoTorchFunction(), torch.no_grad():
+        copy = _Tensor.clone(tensor)
+    to_plain(copy)
+    return copy
 
 
 def release_to_cpu(tensor: torch.Tensor) -> torch.Tensor:
