@@ -184,3 +184,40 @@ def test_a_card_tensor_that_outlived_its_fleet_can_be_brought_to_the_cpu():
     for moved in (left_over.cpu(), left_over.to("cpu"), left_over.to("cpu", torch.float16)):
         assert type(moved) is torch.Tensor and moved.device == torch.device("cpu")
         assert moved.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_data_parallel_over_the_cards_equals_one_device_forward_and_backward():
+    import copy
+
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(6, 8)
+    expected = reference(x)
+    expected.sum().backward()
+    with virtual_gpus("2x64MiB"):
+        module = copy.deepcopy(reference)
+        module.zero_grad()
+        parallel = torch.nn.DataParallel(module).cuda()
+        assert parallel.device_ids == [0, 1] and parallel.module is module
+        before = torch.cuda.max_memory_allocated(1)
+        out = parallel(x.cuda())
+        assert out.device == torch.device("cuda:0")
+        torch.testing.assert_close(out.cpu(), expected)
+        assert torch.cuda.max_memory_allocated(1) > before  # the replica on card 1 really held memory
+        out.sum().backward()
+        for param, ref in zip(module.parameters(), reference.parameters()):
+            assert param.grad.device == torch.device("cuda:0")
+            torch.testing.assert_close(param.grad.cpu(), ref.grad)
+        torch.testing.assert_close(parallel(x).cpu(), expected)  # CPU inputs are scattered too
+
+
+def test_autocast_cuda_builds_and_raises_only_when_entered_enabled(fleet):
+    from pytest_llmload.virtual.tensor import NotSimulatedError
+
+    context = torch.autocast("cuda", dtype=torch.bfloat16)
+    assert context.device == "cuda" and context.fast_dtype == torch.bfloat16
+    with pytest.raises(NotSimulatedError, match=r'autocast\("cuda"\) \(entered enabled\)'):
+        with context:
+            pass
+    with torch.autocast("cuda", enabled=False):
+        assert (torch.ones(2, 2, device="cuda:0") @ torch.ones(2, 2, device="cuda:0")).dtype == torch.float32

@@ -256,20 +256,32 @@ def accelerator_memory_replacements(cuda: dict[str, Any]) -> dict[str, Any]:
 
 
 def _autocast_guard(original_init):
+    """``torch.autocast("cuda", ...)`` builds (code may build it to read its dtype or unwrap a model); entering it
+    enabled raises, since CUDA's cast lists are not simulated; disabled (models wrap RoPE in it) it is a no-op."""
+
     @functools.wraps(original_init)
     def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
         if device_type == "cuda":
-            if enabled:
-                raise NotSimulatedError('autocast("cuda")')
-            # autocast("cuda", enabled=False) (models wrap RoPE in it): no cuda autocast runs here, so keep
-            # the CPU state as it is.
-            return original_init(
-                self, "cpu", dtype=torch.get_autocast_dtype("cpu"), enabled=torch.is_autocast_enabled("cpu"),
-                cache_enabled=cache_enabled,
-            )
+            original_init(self, "cpu", dtype=torch.get_autocast_dtype("cpu"), enabled=torch.is_autocast_enabled("cpu"),
+                          cache_enabled=cache_enabled)  # no cuda autocast runs here: the CPU state is kept
+            self.device = "cuda"
+            self.fast_dtype = dtype if dtype is not None else torch.float16
+            self._enabled = enabled
+            self._virtual_cuda = enabled
+            return None
         return original_init(self, device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
     return __init__
+
+
+def _autocast_enter_guard(original_enter):
+    @functools.wraps(original_enter)
+    def __enter__(self):
+        if getattr(self, "_virtual_cuda", False):
+            raise NotSimulatedError('autocast("cuda") (entered enabled)')
+        return original_enter(self)
+
+    return __enter__
 
 
 _compile_warned = False
@@ -309,6 +321,57 @@ def _load_onto_cards(fleet: Fleet, original):
         return tree_map_only(torch.Tensor, lambda t: t.to(target), loaded)
 
     return load
+
+
+def _data_parallel_targets(fleet: Fleet) -> list[tuple[Any, str, Any]]:
+    """``torch.nn.DataParallel`` over the visible cards: torch's own replicate/scatter/gather logic, with the
+    CUDA-only collectives of ``torch.nn.parallel.comm`` done as copies between cards (values and gradients as
+    one device computes them), and the replicas applied one after another instead of in threads."""
+    import torch.nn.parallel._functions as functions
+    import torch.nn.parallel.comm as comm
+    from torch._utils import _get_device_index
+
+    def card(device) -> torch.device:
+        return torch.device("cuda", _get_device_index(device, True))
+
+    def broadcast_coalesced(tensors, devices, buffer_size=10485760):
+        return [[t.to(card(d)) for t in tensors] for d in devices]
+
+    def reduce_add_coalesced(inputs, destination=None, buffer_size=10485760):
+        target = card(destination if destination is not None else fleet.current_device())
+        return [functools.reduce(torch.add, (t.to(target) for t in group)) for group in zip(*inputs)]
+
+    def scatter(tensor, devices=None, chunk_sizes=None, dim=0, streams=None, *, out=None):
+        if out is not None:
+            raise NotSimulatedError("torch.nn.parallel.comm.scatter(out=...)")
+        parts = tensor.split(list(chunk_sizes), dim) if chunk_sizes else tensor.chunk(len(devices), dim)
+        return tuple(part.to(card(d)).contiguous() for part, d in zip(parts, devices))
+
+    def gather(tensors, dim=0, destination=None, *, out=None):
+        if out is not None:
+            raise NotSimulatedError("torch.nn.parallel.comm.gather(out=...)")
+        target = torch.device("cpu") if destination in (-1, "cpu") else card(
+            destination if destination is not None else fleet.current_device())
+        return torch.cat([t.to(target) for t in tensors], dim)
+
+    def scatter_forward(ctx, target_gpus, chunk_sizes, dim, input):
+        target_gpus = [_get_device_index(x, True) for x in target_gpus]
+        ctx.dim = dim
+        ctx.input_device = input.get_device() if input.device.type != "cpu" else -1
+        return comm.scatter(input, target_gpus, chunk_sizes, dim)  # no copy streams: every op is synchronous
+
+    def parallel_apply(self, replicas, inputs, kwargs):
+        outputs = []
+        for i, (module, args) in enumerate(zip(replicas, inputs)):
+            with torch.cuda.device(self.device_ids[i]):
+                args = args if isinstance(args, (list, tuple)) else (args,)
+                outputs.append(module(*args, **(kwargs[i] if kwargs else {})))
+        return outputs
+
+    return [(comm, "broadcast_coalesced", broadcast_coalesced), (comm, "reduce_add_coalesced", reduce_add_coalesced),
+            (comm, "scatter", scatter), (comm, "gather", gather),
+            (functions.Scatter, "forward", staticmethod(scatter_forward)),
+            (torch.nn.DataParallel, "parallel_apply", parallel_apply)]
 
 
 def _card_default_context(device):
@@ -431,10 +494,10 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
     targets.append((dynamo_config, "disable", True))
     targets.append((torch, "load", _load_onto_cards(fleet, torch.load)))
     targets.append((torch, "set_default_device", _default_device_setter(fleet, torch.set_default_device)))
-    # one process driving several cards through NCCL-less scatter/gather (torch._C._scatter is CUDA-only)
-    targets.append((torch.nn.DataParallel, "__init__", _not_simulated_function("torch.nn.DataParallel")))
+    targets += _data_parallel_targets(fleet)
     autocast = torch.amp.autocast_mode.autocast
     targets.append((autocast, "__init__", _autocast_guard(autocast.__init__)))
+    targets.append((autocast, "__enter__", _autocast_enter_guard(autocast.__enter__)))
     import torch.utils.checkpoint as checkpoint
 
     checks = dict(checkpoint._allowed_determinism_checks_to_fns)
