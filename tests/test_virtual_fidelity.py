@@ -221,3 +221,42 @@ def test_autocast_cuda_builds_and_raises_only_when_entered_enabled(fleet):
             pass
     with torch.autocast("cuda", enabled=False):
         assert (torch.ones(2, 2, device="cuda:0") @ torch.ones(2, 2, device="cuda:0")).dtype == torch.float32
+
+
+def test_a_thread_started_inside_a_fleet_runs_on_its_cards():
+    import threading
+
+    seen = {}
+
+    def work():
+        seen["available"] = torch.cuda.is_available()
+        seen["device"] = torch.ones(2, device="cuda").device
+        seen["value"] = (torch.ones(2, device="cuda:0") * 2).sum().item()
+
+    with virtual_gpus("2x64MiB"):
+        torch.cuda.set_device(1)
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    assert seen == {"available": True, "device": torch.device("cuda:1"), "value": 4.0}
+
+
+def test_flex_attention_masks_built_for_a_card_live_on_it_and_attention_equals_the_cpu():
+    import torch.nn.attention.flex_attention as flex
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    q = torch.randn(1, 1, 128, 16)
+    expected = flex.flex_attention(q, q, q, block_mask=flex.create_block_mask(causal, 1, 1, 128, 128, device="cpu"))
+    with warnings.catch_warnings(), virtual_gpus("2x64MiB"):
+        warnings.simplefilter("ignore")
+        mask = flex.create_block_mask(causal, 1, 1, 128, 128, device="cuda:1")
+        assert mask.kv_num_blocks.device == torch.device("cuda:1")
+        assert flex.create_mask(causal, 1, 1, 16, 16, "cuda:0").device == torch.device("cuda:0")
+        on_card = q.to("cuda:1")
+        out = flex.flex_attention(on_card, on_card, on_card, block_mask=mask)
+        assert out.device == torch.device("cuda:1") and torch.equal(out.cpu(), expected)
+        with pytest.raises(RuntimeError, match="same device but got cuda:1 and cpu"):
+            flex.flex_attention(on_card, on_card, on_card,
+                                block_mask=flex.create_block_mask(causal, 1, 1, 128, 128, device="cpu"))

@@ -26,6 +26,7 @@ FLEET_INTERNALS = (
     "torch._dynamo.eval_frame.OptimizedModule",
     "torch._dynamo.eval_frame.DisableContext",
     "torch._dynamo.config.disable",
+    "torch._C._functorch.maybe_current_level",
 )
 
 

@@ -374,6 +374,28 @@ def _data_parallel_targets(fleet: Fleet) -> list[tuple[Any, str, Any]]:
             (torch.nn.DataParallel, "parallel_apply", parallel_apply)]
 
 
+def _flex_attention_targets(fleet: Fleet) -> list[tuple[Any, str, Any]]:
+    """``create_block_mask``/``create_mask(..., device="cuda:N")``: torch builds them under vmap, whose results
+    bypass the fleet's mode (CPU tensors); a mask asked for on a card is put on it, as on CUDA."""
+    module = sys.modules.get("torch.nn.attention.flex_attention")
+    if module is None:
+        return []
+    from .mode import resolve_device
+
+    def on_card(original, device_position: int):
+        @functools.wraps(original)
+        def build(*args, **kwargs):
+            out = original(*args, **kwargs)
+            device = kwargs.get("device", args[device_position] if len(args) > device_position else None)
+            target = resolve_device(fleet, device if device is not None else "cuda")
+            return out.to(target) if target is not None and target.type == "cuda" else out
+
+        return build
+
+    return [(module, "create_block_mask", on_card(module.create_block_mask, 5)),
+            (module, "create_mask", on_card(module.create_mask, 5))]
+
+
 def _card_default_context(device):
     """``torch.set_default_device("cuda:N")`` inside a fleet: a ``DeviceContext`` pushed *above* the fleet's mode.
     torch puts its own at the bottom of the mode stack, below the fleet, where the device it adds reaches the
@@ -412,6 +434,27 @@ def _default_device_setter(fleet: Fleet, original):
         return None
 
     return set_default_device
+
+
+def _thread_start_guard(fleet: Fleet, original_start, mode_factory):
+    """A ``threading.Thread`` started from a fleet thread runs in the fleet (as on CUDA, where every thread
+    sees the cards), on the card that was current where it was started."""
+
+    @functools.wraps(original_start)
+    def start(self):
+        if getattr(fleet.thread_state, "mode_depth", 0) > 0:
+            device = fleet.current_device()
+            run = self.run
+
+            def run_in_fleet():
+                with mode_factory():
+                    fleet.set_device(device)
+                    return run()
+
+            self.run = run_in_fleet
+        return original_start(self)
+
+    return start
 
 
 def _submit_guard(fleet: Fleet, original_submit, mode_factory):
@@ -495,6 +538,7 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
     targets.append((torch, "load", _load_onto_cards(fleet, torch.load)))
     targets.append((torch, "set_default_device", _default_device_setter(fleet, torch.set_default_device)))
     targets += _data_parallel_targets(fleet)
+    targets += _flex_attention_targets(fleet)
     autocast = torch.amp.autocast_mode.autocast
     targets.append((autocast, "__init__", _autocast_guard(autocast.__init__)))
     targets.append((autocast, "__enter__", _autocast_enter_guard(autocast.__enter__)))
@@ -505,6 +549,9 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
     targets.append((checkpoint, "_allowed_determinism_checks_to_fns", checks))
     executor = concurrent.futures.ThreadPoolExecutor
     targets.append((executor, "submit", _submit_guard(fleet, executor.submit, mode_factory)))
+    import threading
+
+    targets.append((threading.Thread, "start", _thread_start_guard(fleet, threading.Thread.start, mode_factory)))
     from .._compat.transformers import fleet_patch_targets
 
     # transformers' allocator warmup and weight materialization; a release without them fails the start loudly

@@ -416,7 +416,7 @@ def _mixed_ok(fleet, func, args, kwargs):
         where = f"cuda:{card}" if card is not None else str(first.device) if isinstance(first, torch.Tensor) else None
         for index in _index_devices(args[1]):
             index_card = _CARD_OF.get(type(index))
-            if index_card is not None and index_card != card:
+            if index_card is not None and index_card != card and not _in_vmap():
                 raise RuntimeError(
                     f"indices should be either on cpu or on the same device as the indexed tensor ({where})"
                 )
@@ -559,9 +559,15 @@ def _check_devices(args, kwargs, strict: bool = True, scalars_ok: bool = True) -
                     index = card
             elif plain is None and isinstance(item, torch.Tensor) and (not scalars_ok or item.dim() != 0):
                 plain = item
-    if index >= 0 and plain is not None and strict:
+    if index >= 0 and plain is not None and strict and not _in_vmap():
         raise mixed_devices_error(f"cuda:{index}", str(plain.device))
     return index
+
+
+def _in_vmap() -> bool:
+    """Inside ``vmap`` a card tensor is wrapped in a batched tensor that looks like a plain one (flex attention
+    builds and applies its masks so): no device mix can be seen there. Asked only when a mix was found."""
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 class VirtualDeviceMode(TorchFunctionMode):
@@ -615,7 +621,7 @@ class VirtualDeviceMode(TorchFunctionMode):
                         break
                     elif plain is None and isinstance(value, _Tensor) and value.dim() != 0:
                         plain = value
-                if index >= 0 and plain is not None and self.strict:
+                if index >= 0 and plain is not None and self.strict and not _in_vmap():
                     raise mixed_devices_error(f"cuda:{index}", str(plain.device))
                 out = func(*args)
             if index >= 0:

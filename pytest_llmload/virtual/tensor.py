@@ -202,7 +202,10 @@ def charge(tensor: torch.Tensor, index: int, fresh: bool = False) -> None:
     if tensor._base is not None and not fresh:
         return  # a view: its storage is its base's, charged when the base was put on a card
     fleet = active_fleet
-    storage = tensor.untyped_storage()
+    try:
+        storage = tensor.untyped_storage()
+    except NotImplementedError:  # a vmap's batched tensor: its storage is the wrapped tensor's, charged already
+        return
     ptr = storage.data_ptr()
     if not ptr:
         return
