@@ -158,10 +158,9 @@ class ModelCache:
                 **call,
             )
             model = info.run()
-        except ModelLoadError as exc:
+        except ModelLoadError as exc:  # LoadCall.run gave back what the failed load allocated
             if key is not None:
                 self._failures[key] = str(exc)
-            release_memory()  # whatever the failed load allocated goes now, not at the next gc
             raise
         kind = "private" if key is None else "reload" if key in self._loaded_keys else "load"
         entry = CachedModel(model, LoadRecord(spec, info, time.perf_counter() - start, kind=kind))

@@ -299,7 +299,8 @@ def prepare_load(
     from ._compat.transformers import KernelPlan
 
     virtual = _virtual_gpus_running()
-    kernels = KernelPlan(hub_kernels, virtual=virtual)
+    own = {k for k in ("use_kernels", "kernel_config", "kernels_mode") if k in kwargs}
+    kernels = KernelPlan(hub_kernels, virtual=virtual, callers_own=bool(own))
     if virtual and kwargs.get("use_kernels"):
         notes.append("use_kernels=False: hub kernels never apply on virtual GPUs")
     call: dict[str, Any] = {"trust_remote_code": trust_remote_code, "config": config, **kernels.kwargs}
@@ -325,7 +326,7 @@ def prepare_load(
         from ._compat.bitsandbytes import import_bitsandbytes
 
         try:
-            import_bitsandbytes(hub_kernels=kernels.requested)  # quietly, before transformers' quantizer does
+            import_bitsandbytes(hub_kernels=kernels.requested or None)  # quietly, before transformers' quantizer
         except ImportError:
             pass  # transformers says what is missing
     if precision in QUANTIZED_PRECISIONS and kwargs.get("quantization_config") is None:
@@ -408,8 +409,9 @@ def _load_error(spec: ModelSpec, source: str, exc: BaseException, allow_pickle: 
     kernel = kernel_failure(exc)
     if kernel is not None:
         repo, said = kernel
-        return (f"cannot load {where}: hub kernel {repo} could not be loaded ({said}); hub kernels are on "
-                "(--llm-hub-kernels / llm_hub_kernels): leave them off to test the model's own code")
+        return (f"cannot load {where}: hub kernel {repo} could not be loaded ({said}); hub kernels were asked for "
+                "(--llm-hub-kernels / llm_hub_kernels, or use_kernels / kernel_config): leave them off to test "
+                "the model's own code")
     if not allow_pickle and _only_pickle_weights(source):
         return (
             f"{where} has only pickle weights (pytorch_model.bin), and unpickling can run code; "

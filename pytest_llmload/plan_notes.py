@@ -7,12 +7,12 @@ import re
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from ._compat.transformers import PLANNING_LOGGER
 from .devices import device_label, device_order
 from .errors import LLMLoadUsageError
 from .planning import ISSUE_4297
 from .sizes import format_size
 
-_ACCELERATE_LOGGER = "transformers.integrations.accelerate"
 _REQUIRED_RE = re.compile(r"^\s*- (\w+): (\d+) bytes required", re.M)
 
 
@@ -30,7 +30,7 @@ class Recorder:
         for device, size in _REQUIRED_RE.findall(record.getMessage()):
             self.required[int(device) if device.isdigit() else device] = int(size)
         if record.levelno >= logging.WARNING:  # warnings go where they always went
-            parent = logging.getLogger(_ACCELERATE_LOGGER.rsplit(".", 1)[0])
+            parent = logging.getLogger(PLANNING_LOGGER.rsplit(".", 1)[0])
             if parent.isEnabledFor(record.levelno):
                 parent.handle(record)
 
@@ -52,7 +52,7 @@ def recording(recorder: Recorder) -> Iterator[None]:
 
     handler = logging.Handler(logging.INFO)
     handler.emit = recorder.handle  # type: ignore[method-assign]
-    logger = logging.getLogger(_ACCELERATE_LOGGER)
+    logger = logging.getLogger(PLANNING_LOGGER)
     level, propagate = logger.level, logger.propagate
     logger.setLevel(logging.INFO)
     logger.propagate = False  # its info lines are for us, not the terminal

@@ -174,6 +174,7 @@ def meta_model(model: Any, precision: str | None = "auto", *, device_map: Any = 
     import torch
     from transformers.utils import ContextManagers
 
+    from ._compat.transformers import init_context, plan_dtype, plan_quantizer, quantize_on_meta
     from .loading import load_config, model_class_for
     from .precision import quantization_config_for
 
@@ -186,22 +187,20 @@ def meta_model(model: Any, precision: str | None = "auto", *, device_map: Any = 
     if get_hf_quantizer is not None or getattr(config, "quantization_config", None) is not None:
         if get_hf_quantizer is None:  # a pre-quantized checkpoint
             get_hf_quantizer = _planning_functions(quantized=True)[3]
-        hf_quantizer, config, _ = get_hf_quantizer(config, quantization_config_for(precision), device_map, True, {})
+        hf_quantizer, config = plan_quantizer(get_hf_quantizer, config, quantization_config_for(precision), device_map)
     if precision in ("fp32", "fp16", "bf16"):
         dtype: Any = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     elif precision == "auto" and getattr(config, "dtype", None) is not None:
         dtype = "auto"
     else:
         dtype = None
-    config, dtype = _get_dtype(dtype, None, config, None, None, True, hf_quantizer)
-    from ._compat.transformers import init_context
+    config, dtype = plan_dtype(_get_dtype, dtype, config, hf_quantizer)
 
     contexts = init_context(cls, dtype, hf_quantizer is not None, config)
     with ContextManagers(contexts):
         network = cls(copy.deepcopy(config))
         if hf_quantizer is not None:
-            hf_quantizer.preprocess_model(model=network, dtype=dtype, device_map=device_map,
-                                          checkpoint_files=None, use_kernels=False)
+            quantize_on_meta(hf_quantizer, network, dtype, device_map)
     return network, hf_quantizer
 
 

@@ -58,6 +58,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
     for line in help_lines():
         config.addinivalue_line("markers", line)
+    if config.getoption("llm_hub_kernels", None) or config.getini("llm_hub_kernels"):
+        from ._compat.bitsandbytes import allow_hub_kernels
+
+        allow_hub_kernels(True)  # before a fleet or a probe imports bitsandbytes (the first import decides)
     fleet = (config.getoption("llm_virtual_gpus", None) or config.getini("llm_virtual_gpus")
              or os.environ.get("LLMLOAD_VIRTUAL_GPUS"))  # a parent session's fleet (virtual/pytest_support.py)
     if fleet:
@@ -76,6 +80,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    import sys
+
+    hermetic = sys.modules.get("pytest_llmload._compat.bitsandbytes")
+    if hermetic is not None:
+        hermetic.allow_hub_kernels(False)
     manager = config.stash.get(SESSION_KEY, None)
     if manager is not None:
         manager.close()
@@ -85,8 +94,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     marker = config.pluginmanager.get_plugin("llmload-virtual-gpus")
     if marker is not None:
         config.pluginmanager.unregister(marker)
-    import sys
-
     virtual_support = sys.modules.get("pytest_llmload.virtual.pytest_support")  # imported when a fleet started
     if virtual_support is not None:
         virtual_support.stop_session_fleet(config)

@@ -271,3 +271,39 @@ def test_xdist_run_of_a_small_matrix(pytester, no_gpus):
     )
     result.assert_outcomes(passed=4, skipped=1)
     result.stdout.fnmatch_lines(["*needs 1 GPU; found none; --llm-gpus-per-worker=1 gives worker gw* 0 of 0 visible GPUs*"])
+
+
+def test_an_empty_cuda_visible_devices_means_no_gpu(monkeypatch):
+    from pytest_llmload.hardware.sources import probe_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    probe = probe_gpus(torch="import")
+    assert probe.gpus == [] and probe.source == "CUDA_VISIBLE_DEVICES"
+
+
+def test_nvml_total_is_what_cuda_reports_the_driver_reserve_taken_off():
+    """Seen on an H200: NVML's total 143771 MiB, CUDA's 143155 MiB; the v2 info's reserved is the difference."""
+    from types import SimpleNamespace
+
+    from pytest_llmload.hardware.sources import _nvml_memory
+
+    MiB = 2**20
+
+    class V2:
+        nvmlMemory_v2 = object()
+
+        @staticmethod
+        def nvmlDeviceGetMemoryInfo(handle, version=None):
+            if version is V2.nvmlMemory_v2:
+                return SimpleNamespace(total=143771 * MiB, reserved=616 * MiB, free=143000 * MiB, used=0)
+            return SimpleNamespace(total=143771 * MiB, free=143000 * MiB, used=0)
+
+    class V1:
+        @staticmethod
+        def nvmlDeviceGetMemoryInfo(handle, version=None):
+            if version is not None:
+                raise TypeError("no version argument")
+            return SimpleNamespace(total=24 * 1024 * MiB, free=20 * 1024 * MiB, used=0)
+
+    assert _nvml_memory(V2, None)[1] == 143155 * MiB
+    assert _nvml_memory(V1, None)[1] == 24 * 1024 * MiB

@@ -120,6 +120,55 @@ def test_every_load_passes_use_kernels_false_unless_asked():
     assert KernelPlan(True, virtual=True).kwargs == {"use_kernels": False}
     on = KernelPlan(True, virtual=False)
     assert on.requested and ("use_kernels" not in on.kwargs or on.kernelize_after)
+    # a caller's own use_kernels / kernel_config / kernels_mode reach transformers as given, except on a fleet
+    own = KernelPlan(True, virtual=False, callers_own=True)
+    assert own.kwargs == {} and not own.kernelize_after
+    assert KernelPlan(True, virtual=True, callers_own=True).kwargs == {"use_kernels": False}
+
+
+def test_kernel_refusal_is_per_thread_and_overlapping_uses_restore_the_real_get_kernel(monkeypatch):
+    kernels = pytest.importorskip("kernels")
+    import threading
+
+    from pytest_llmload._compat.bitsandbytes import HubKernelRefused, no_hub_kernels
+
+    def fake_get_kernel(repo_id, *args, **kwargs):
+        return f"fetched {repo_id}"
+
+    monkeypatch.setattr(kernels, "get_kernel", fake_get_kernel)
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    def other_thread():
+        seen["before"] = kernels.get_kernel("a/b")  # another thread keeps the real one
+        with no_hub_kernels():
+            entered.set()
+            release.wait(10)
+            try:
+                kernels.get_kernel("c/d")
+            except HubKernelRefused as exc:
+                seen["refused"] = str(exc)
+
+    with no_hub_kernels():
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        assert entered.wait(10)
+        with pytest.raises(HubKernelRefused, match="hub kernel 'x/y' not fetched"):
+            kernels.get_kernel("x/y")
+    assert kernels.get_kernel is not fake_get_kernel  # the other thread still refuses
+    release.set()
+    thread.join(10)
+    assert seen["before"] == "fetched a/b" and "'c/d' not fetched" in seen["refused"]
+    assert kernels.get_kernel is fake_get_kernel  # restored when the last overlapping use ended
+
+
+def test_a_broken_kernels_install_leaves_bitsandbytes_importable(tmp_path):
+    broken = tmp_path / "kernels"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('this kernels install is broken')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    result = _run([sys.executable, "-c", "from pytest_llmload._compat.bitsandbytes import import_bitsandbytes; "
+                   "print(import_bitsandbytes().__name__)"], env)
+    assert result.returncode == 0 and result.stdout.strip() == "bitsandbytes", result.stderr
 
 
 def test_a_failed_hub_kernel_is_one_line_naming_the_repo_and_the_option_not_trust_remote_code():
@@ -167,9 +216,14 @@ def test_bitsandbytes_imported_by_the_plugin_asks_no_server_while_a_plain_import
         assert hub.requests == []
         plain = _run([sys.executable, "-c", "import bitsandbytes"], hub.env())
         assert plain.returncode == 0, plain.stderr
-    if not hub.requests:
-        pytest.skip("this bitsandbytes asks no server at import: nothing to compare")
-    assert any("kernels-community" in r for r in hub.requests)
+        if not hub.requests:
+            pytest.skip("this bitsandbytes asks no server at import: nothing to compare")
+        assert any("kernels-community" in r for r in hub.requests)
+        hub.requests.clear()
+        opted_in = _run([sys.executable, "-c", "from pytest_llmload._compat.bitsandbytes import allow_hub_kernels, "
+                         "import_bitsandbytes; allow_hub_kernels(True); import_bitsandbytes()"], hub.env())
+        assert opted_in.returncode == 0, opted_in.stderr
+        assert any("kernels-community" in r for r in hub.requests)  # --llm-hub-kernels reaches bitsandbytes
 
 
 @pytest.mark.xfail(strict=True, raises=AttributeError,
@@ -185,6 +239,9 @@ def test_upstream_kernelize_fails_on_a_device_map_of_gpu_numbers():
 
     if "device_map" not in inspect.signature(hub_kernels.kernelize).parameters:
         pytest.xfail("this transformers' kernelize takes no device map")
+    enabled = getattr(hub_kernels, "_kernels_enabled", None)
+    if not (enabled() if callable(enabled) else enabled):
+        pytest.xfail("USE_HUB_KERNELS turns hub kernels off here: kernelize refuses before the bug is reached")
     from kernels import Mode
 
     model = load_model("builtin:tiny-llama", device_map="cpu")

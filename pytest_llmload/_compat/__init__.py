@@ -17,9 +17,10 @@ import importlib.metadata
 from ..errors import LLMLoadUsageError
 
 # dependency -> (oldest, newest) version tested: the floors job and today's resolution (torch: 2.13.0 in both
-# jobs, 2.14.1 in a separate run of the fleet suite). README's "Tested with" table shows the same.
+# jobs; 2.14.1 in a separate run of the fleet suite; 2.11.0 on a GPU machine: the examples, the GPU,
+# hardware and fleet tests). README's "Tested with" table shows the same.
 TESTED: dict[str, tuple[str, str]] = {
-    "torch": ("2.13.0", "2.14.1"),
+    "torch": ("2.11.0", "2.14.1"),
     "transformers": ("5.17.0", "5.25.0"),
     "accelerate": ("1.15.0", "1.16.0"),
     "bitsandbytes": ("0.50.0", "0.50.2"),
@@ -55,6 +56,16 @@ def missing_internal(feature: str, dependency: str, name: str) -> MissingInterna
 
 def resolve(dotted: str):
     """The object at ``dotted`` (``package.module.attr.attr``), importing modules as needed; None if absent."""
+    found = _lookup(dotted)
+    return None if found is _ABSENT else found
+
+
+def exists(dotted: str) -> bool:
+    """Whether ``dotted`` names something (its value may be None)."""
+    return _lookup(dotted) is not _ABSENT
+
+
+def _lookup(dotted: str):
     import importlib
 
     parts = dotted.split(".")
@@ -66,9 +77,9 @@ def resolve(dotted: str):
         for attr in parts[cut:]:
             obj = getattr(obj, attr, _ABSENT)
             if obj is _ABSENT:
-                return None
+                return _ABSENT
         return obj
-    return None
+    return _ABSENT
 
 
 _ABSENT = object()

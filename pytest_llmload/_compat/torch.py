@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import missing_internal, resolve
+from . import exists, missing_internal
 
 # Every private torch name the fleet (virtual/mode.py, tensor.py, cuda.py) uses. Checked when a fleet
 # starts, before those modules import; a missing one is one line naming it.
@@ -27,13 +27,23 @@ FLEET_INTERNALS = (
     "torch._dynamo.eval_frame.DisableContext",
     "torch._dynamo.config.disable",
     "torch._C._functorch.maybe_current_level",
+    "torch._utils._get_device_index",
+    "torch.utils._pytree.tree_map_only",
+    "torch.utils._device.DeviceContext",
+    "torch.utils._device.CURRENT_DEVICE",
+    "torch.nn.parallel._functions.Scatter",
+    "torch.nn.parallel.comm.broadcast_coalesced",
+    "torch.nn.parallel.comm.reduce_add_coalesced",
+    "torch.nn.parallel.comm.scatter",
+    "torch.nn.parallel.comm.gather",
+    "torch.nn.DataParallel.parallel_apply",
 )
 
 
 def check_fleet_internals(names: tuple[str, ...] = FLEET_INTERNALS) -> None:
     """Raise :class:`MissingInternalError` for the first internal this torch lacks."""
     for name in names:
-        if resolve(name) is None:
+        if not exists(name):
             raise missing_internal("virtual GPUs need", "torch", name)
 
 
@@ -43,3 +53,15 @@ def eager_optimized_module(module):
     from torch._dynamo.eval_frame import DisableContext, OptimizedModule
 
     return OptimizedModule(module, DisableContext())
+
+
+def default_store():
+    """The key-value store of the default process group (``distributed_c10d._get_default_store``): the
+    lockstep guard keeps its per-test records there."""
+    from torch.distributed import distributed_c10d
+
+    get = getattr(distributed_c10d, "_get_default_store", None)
+    if get is None:
+        raise missing_internal("the distributed lockstep guard needs", "torch",
+                               "torch.distributed.distributed_c10d._get_default_store")
+    return get()

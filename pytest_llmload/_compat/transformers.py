@@ -30,8 +30,18 @@ def _version() -> tuple[int, int]:
 
 
 def hub_kernels_by_default() -> bool:
-    """Would a plain ``from_pretrained`` kernelize a load onto a GPU (transformers' own default here)?"""
-    if _version() < HUB_KERNELS_DEFAULT_ON_SINCE:
+    """Would a plain ``from_pretrained`` kernelize a load (transformers' own default here)? Read from
+    ``from_pretrained`` itself (``kwargs.pop("use_kernels", None)``: on unless ``USE_HUB_KERNELS`` says no;
+    ``False``: off), with the release where the default changed as the fallback."""
+    from transformers import PreTrainedModel
+
+    try:
+        source = inspect.getsource(PreTrainedModel.from_pretrained)
+        found = re.search(r"""pop\(\s*["']use_kernels["']\s*,\s*(\w+)\s*\)""", source)
+        default_on = found.group(1) == "None" if found else _version() >= HUB_KERNELS_DEFAULT_ON_SINCE
+    except (OSError, TypeError):
+        default_on = _version() >= HUB_KERNELS_DEFAULT_ON_SINCE
+    if not default_on:
         return False
     enabled = resolve("transformers.integrations.hub_kernels._kernels_enabled")
     return bool(enabled()) if callable(enabled) else bool(enabled)
@@ -47,10 +57,11 @@ class KernelPlan:
     ``device_map`` documents; see tests/test_hermetic.py's upstream xfail).
     """
 
-    def __init__(self, hub_kernels: bool, *, virtual: bool) -> None:
+    def __init__(self, hub_kernels: bool, *, virtual: bool, callers_own: bool = False) -> None:
         self.requested = hub_kernels
-        self.kernelize_after = hub_kernels and not virtual and hub_kernels_by_default()
-        self.kwargs: dict[str, Any] = {} if hub_kernels and not virtual and not self.kernelize_after \
+        # a caller's own use_kernels / kernel_config / kernels_mode go to transformers as given (not on a fleet)
+        self.kernelize_after = hub_kernels and not virtual and not callers_own and hub_kernels_by_default()
+        self.kwargs: dict[str, Any] = {} if (hub_kernels or callers_own) and not virtual and not self.kernelize_after \
             else {"use_kernels": False}
 
 
@@ -59,7 +70,9 @@ def kernelize(model: Any, device_map: Any) -> None:
     import torch
 
     if isinstance(device_map, dict):
-        device_map = {k: torch.device("cuda", v) if isinstance(v, int) and not isinstance(v, bool) else v
+        accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+        kind = accelerator.type if accelerator is not None else "cuda"
+        device_map = {k: torch.device(kind, v) if isinstance(v, int) and not isinstance(v, bool) else v
                       for k, v in device_map.items()}
     params = inspect.signature(model.set_use_kernels).parameters
     if "device_map" in params and isinstance(device_map, dict):
@@ -159,8 +172,8 @@ def accelerate_integration():
 
 
 def free_memory_function() -> tuple[Any, str]:
-    """``(module, name)`` of the function from_pretrained asks for free memory per device: its own
-    ``accelerate_max_memory`` (5.2x) or accelerate's ``get_max_memory`` as it imported it (5.0 to 5.1x)."""
+    """``(module, name)`` of the function from_pretrained asks for free memory per device: ``accelerate_max_memory``
+    where the module has it, else ``get_max_memory`` (the name older 5.x releases call)."""
     module = accelerate_integration()
     for name in ("accelerate_max_memory", "get_max_memory"):
         if callable(getattr(module, name, None)):
@@ -192,3 +205,24 @@ def enable_activation_checkpointing(model: Any, *, use_reentrant: bool | None = 
     kwargs_name = name.replace("_enable", "_kwargs")
     kwargs = {kwargs_name: {"use_reentrant": use_reentrant}} if use_reentrant is not None else {}
     getattr(model, name)(**kwargs)
+
+
+# the logger transformers' device-map planning writes its budgets to (plan_notes reads them)
+PLANNING_LOGGER = "transformers.integrations.accelerate"
+
+
+def plan_dtype(get_dtype: Any, dtype: Any, config: Any, hf_quantizer: Any) -> tuple[Any, Any]:
+    """``_get_dtype`` as ``from_pretrained`` calls it with no checkpoint files: ``(config, dtype)``."""
+    return get_dtype(dtype, None, config, None, None, True, hf_quantizer)
+
+
+def plan_quantizer(get_hf_quantizer: Any, config: Any, quantization_config: Any, device_map: Any) -> tuple[Any, Any]:
+    """``get_hf_quantizer`` as ``from_pretrained`` calls it for a local load: ``(hf_quantizer, config)``."""
+    hf_quantizer, config, _ = get_hf_quantizer(config, quantization_config, device_map, True, {})
+    return hf_quantizer, config
+
+
+def quantize_on_meta(hf_quantizer: Any, network: Any, dtype: Any, device_map: Any) -> None:
+    """The quantizer's ``preprocess_model`` on a model built on the meta device (no checkpoint, no kernels)."""
+    hf_quantizer.preprocess_model(model=network, dtype=dtype, device_map=device_map, checkpoint_files=None,
+                                  use_kernels=False)

@@ -70,9 +70,9 @@ class DistPlugin:
         except Exception as exc:  # noqa: BLE001 - a broken rendezvous: one line, not a traceback
             raise pytest.UsageError(f"llmload: cannot join the launched world (rank {self.world.rank} of "
                                     f"{self.world.world_size}): {type(exc).__name__}: {exc}") from None
-        from torch.distributed.distributed_c10d import _get_default_store
+        from .._compat.torch import default_store
 
-        self.lockstep = Lockstep(dist.PrefixStore(PREFIX, _get_default_store()), self.world, self.timeout)
+        self.lockstep = Lockstep(dist.PrefixStore(PREFIX, default_store()), self.world, self.timeout)
 
     # -- each test --
     @pytest.hookimpl(tryfirst=True)
