@@ -7,7 +7,8 @@ skipped in each run, and the tests a fleet newly ran (skipped plainly) with how 
 
     python benchmarks/peer.py --repo /path/to/accelerate.git [--fleets 2x24GiB,2x1GiB] [--files ...]
 
-It runs outside CI (minutes, and a fetched mirror).
+It runs outside CI (minutes, and a fetched mirror). accelerate's tests need ``parameterized``
+(``pip install parameterized``); a file that cannot be collected shows as one error in every run.
 """
 
 from __future__ import annotations
