@@ -266,3 +266,25 @@ def test_a_child_pytest_inherits_the_sessions_fleet_and_says_so(pytester, monkey
     result = pytester.runpytest_subprocess("test_parent.py", "--llm-virtual-gpus=2x64MiB", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert "LLMLOAD_VIRTUAL_GPUS" not in os.environ
+
+
+def test_a_conftest_fleet_is_sliced_per_xdist_worker_on_a_machine_without_gpus(pytester, no_gpus):
+    """A conftest that starts a fleet at import under --llm-gpus-per-worker=1: each worker got
+    CUDA_VISIBLE_DEVICES="" (no GPU to give) and its fleet had no card ('invalid device ordinal')."""
+    pytester.makeconftest("""
+        from pytest_llmload import virtual_gpus
+
+        _fleet = virtual_gpus("2x64MiB")
+        _fleet.__enter__()
+    """)
+    pytester.makepyfile("""
+        import torch
+
+        def test_one():
+            assert torch.cuda.device_count() == 1 and torch.ones(2, device="cuda:0").is_cuda
+
+        def test_two():
+            assert torch.cuda.device_count() == 1 and torch.ones(2, device="cuda:0").is_cuda
+    """)
+    result = pytester.runpytest_subprocess("-n", "2", "--llm-gpus-per-worker=1", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)

@@ -55,6 +55,11 @@ def set_visible(mine: list[str]) -> dict[str, str]:
     return values
 
 
+# (worker index, GPUs per worker) when this worker had no GPU to be given: a virtual fleet started later in it
+# by user code (a conftest that starts one at import) takes this worker's slice of its own cards.
+WORKER_SLICE: list[int] = []
+
+
 def assign_worker_gpus(worker_id: str | None, per_worker: int, *, virtual_cards: int | None = None) -> str | None:
     """Give this xdist worker its own slice of GPUs; return a note for skip reasons.
 
@@ -79,6 +84,8 @@ def assign_worker_gpus(worker_id: str | None, per_worker: int, *, virtual_cards:
         visible = outer_visible_gpus()
         mine = worker_gpus(index, per_worker, visible)
         values = set_visible(mine)
+        if not visible:  # no GPU here: a fleet that user code starts in this worker (a conftest) is sliced
+            WORKER_SLICE[:] = [index, per_worker]
     note = (f"--llm-gpus-per-worker={per_worker} gives worker {worker_id} "
             f"{len(mine)} of {len(visible)} visible GPU{'s' if len(visible) != 1 else ''}")
     if "ROCR_VISIBLE_DEVICES" in values:

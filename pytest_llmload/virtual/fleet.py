@@ -99,6 +99,12 @@ def visible_ordinals(count: int) -> list[int]:
     value = os.environ.get("CUDA_VISIBLE_DEVICES")
     if value is None:
         return list(range(count))
+    if not value.strip():
+        from ..hardware.xdist import WORKER_SLICE, worker_gpus
+
+        if WORKER_SLICE:  # an xdist worker of a GPU-less machine (--llm-gpus-per-worker): its slice of these cards
+            index, per_worker = WORKER_SLICE
+            return [int(i) for i in worker_gpus(index, per_worker, [str(i) for i in range(count)])]
     ordinals: list[int] = []
     for part in value.split(","):
         part = part.strip()
