@@ -145,9 +145,10 @@ class Gate:
             lines = [self.inventory.describe()]
         else:
             lines = [self._inventory.describe() if self._inventory is not None else header_line()]
-        from .virtual import active_fleet
+        import sys
 
-        fleet = active_fleet()
+        virtual = sys.modules.get("pytest_llmload.virtual")  # imported once a fleet started; not for the header
+        fleet = virtual.active_fleet() if virtual is not None else None
         if fleet is not None:
             from .virtual.pytest_support import inherited_note
 

@@ -5,6 +5,7 @@ Every transformers name that is private or changed between the tested releases i
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import sys
@@ -29,19 +30,23 @@ def _version() -> tuple[int, int]:
     return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
 
 
-def hub_kernels_by_default() -> bool:
-    """Would a plain ``from_pretrained`` kernelize a load (transformers' own default here)? Read from
-    ``from_pretrained`` itself (``kwargs.pop("use_kernels", None)``: on unless ``USE_HUB_KERNELS`` says no;
-    ``False``: off), with the release where the default changed as the fallback."""
+@functools.lru_cache(maxsize=1)
+def _default_use_kernels_is_none() -> bool:
+    """Whether ``from_pretrained`` pops ``use_kernels`` with ``None`` (5.25: on unless ``USE_HUB_KERNELS``
+    says no) rather than ``False``; read from its source once, the release where it changed as the fallback."""
     from transformers import PreTrainedModel
 
     try:
         source = inspect.getsource(PreTrainedModel.from_pretrained)
-        found = re.search(r"""pop\(\s*["']use_kernels["']\s*,\s*(\w+)\s*\)""", source)
-        default_on = found.group(1) == "None" if found else _version() >= HUB_KERNELS_DEFAULT_ON_SINCE
     except (OSError, TypeError):
-        default_on = _version() >= HUB_KERNELS_DEFAULT_ON_SINCE
-    if not default_on:
+        return _version() >= HUB_KERNELS_DEFAULT_ON_SINCE
+    found = re.search(r"""pop\(\s*["']use_kernels["']\s*,\s*(\w+)\s*\)""", source)
+    return found.group(1) == "None" if found else _version() >= HUB_KERNELS_DEFAULT_ON_SINCE
+
+
+def hub_kernels_by_default() -> bool:
+    """Would a plain ``from_pretrained`` kernelize a load (transformers' own default here)?"""
+    if not _default_use_kernels_is_none():
         return False
     enabled = resolve("transformers.integrations.hub_kernels._kernels_enabled")
     return bool(enabled()) if callable(enabled) else bool(enabled)
