@@ -211,16 +211,49 @@ def test_data_parallel_over_the_cards_equals_one_device_forward_and_backward():
         torch.testing.assert_close(parallel(x).cpu(), expected)  # CPU inputs are scattered too
 
 
-def test_autocast_cuda_builds_and_raises_only_when_entered_enabled(fleet):
-    from pytest_llmload.virtual.tensor import NotSimulatedError
-
+def test_autocast_cuda_casts_by_cudas_lists(fleet):
+    """CUDA's autocast policy: matmuls and linears in the autocast dtype, softmax/layer_norm/sums in float32,
+    promote ops in the widest input type, everything else in its inputs' dtype; it nests and restores."""
     context = torch.autocast("cuda", dtype=torch.bfloat16)
     assert context.device == "cuda" and context.fast_dtype == torch.bfloat16
-    with pytest.raises(NotSimulatedError, match=r'autocast\("cuda"\) \(entered enabled\)'):
-        with context:
-            pass
-    with torch.autocast("cuda", enabled=False):
-        assert (torch.ones(2, 2, device="cuda:0") @ torch.ones(2, 2, device="cuda:0")).dtype == torch.float32
+    a = torch.randn(4, 4, device="cuda:0")
+    linear = torch.nn.Linear(4, 4).cuda()
+    assert not torch.is_autocast_enabled("cuda")
+    with context:
+        assert torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        product = a @ a
+        assert product.dtype == torch.bfloat16 and product.device == torch.device("cuda:0")
+        assert torch.mm(a, a).dtype == torch.bfloat16 and linear(a).dtype == torch.bfloat16
+        torch.testing.assert_close(product.float(), (a.bfloat16() @ a.bfloat16()).float())
+        assert torch.softmax(product, -1).dtype == torch.float32  # fp32 list, from a bfloat16 input
+        assert torch.nn.functional.layer_norm(product, (4,)).dtype == torch.float32
+        assert product.sum().dtype == torch.float32 and product.sum(dtype=torch.bfloat16).dtype == torch.bfloat16
+        assert torch.relu(product).dtype == torch.bfloat16  # not on a list: its input's dtype
+        assert torch.addcmul(a, product, product).dtype == torch.float32  # promote: the widest input
+        assert (a + product).dtype == torch.float32  # ordinary type promotion
+        assert torch.mm(a.double(), a.double()).dtype == torch.float64  # float64 is never cast
+        with torch.autocast("cuda", enabled=False):
+            assert not torch.is_autocast_enabled("cuda") and (a @ a).dtype == torch.float32
+        with torch.autocast("cuda", dtype=torch.float16):
+            assert (a @ a).dtype == torch.float16
+        assert (a @ a).dtype == torch.bfloat16
+        with pytest.raises(RuntimeError, match="unsafe to autocast"):  # CUDA refuses it in autocast
+            torch.nn.functional.binary_cross_entropy(torch.sigmoid(a), torch.ones_like(a))
+        linear(a).float().sum().backward()  # gradients flow through the casts, in the parameters' dtype
+    assert not torch.is_autocast_enabled("cuda") and (a @ a).dtype == torch.float32
+    assert linear.weight.grad.dtype == torch.float32 and linear.weight.grad.device == torch.device("cuda:0")
+
+
+def test_autocast_cuda_as_a_decorator_and_with_an_unsupported_dtype_warns_and_is_off(fleet):
+    @torch.autocast("cuda", dtype=torch.float16)
+    def forward(x):
+        return x @ x
+
+    assert forward(torch.ones(2, 2, device="cuda:1")).dtype == torch.float16
+    with pytest.warns(UserWarning, match="CUDA Autocast only supports"):
+        context = torch.autocast("cuda", dtype=torch.float32)
+    with context:
+        assert (torch.ones(2, 2, device="cuda") @ torch.ones(2, 2, device="cuda")).dtype == torch.float32
 
 
 def test_a_thread_started_inside_a_fleet_runs_on_its_cards():
@@ -260,3 +293,73 @@ def test_flex_attention_masks_built_for_a_card_live_on_it_and_attention_equals_t
         with pytest.raises(RuntimeError, match="same device but got cuda:1 and cpu"):
             flex.flex_attention(on_card, on_card, on_card,
                                 block_mask=flex.create_block_mask(causal, 1, 1, 128, 128, device="cpu"))
+
+
+def test_pickle_keeps_a_card_tensor_on_its_card_and_torch_save_stays_readable_anywhere(fleet, tmp_path):
+    import io
+    import pickle
+
+    x = torch.arange(4.0, device="cuda:1").requires_grad_()
+    before = torch.cuda.memory_allocated(1)
+    back = pickle.loads(pickle.dumps(x))
+    assert back.device == torch.device("cuda:1") and back.requires_grad and torch.equal(back.cpu(), x.cpu())
+    assert torch.cuda.memory_allocated(1) > before  # the copy is charged to the card, as CUDA's would be
+    buffer = io.BytesIO()
+    torch.save({"x": x}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True, map_location="cuda:0")["x"].device == torch.device("cuda:0")
+
+
+def test_unpickling_a_card_tensor_without_its_card_is_cudas_error(tmp_path):
+    import pickle
+
+    with virtual_gpus("2x64MiB"):
+        data = pickle.dumps(torch.ones(2, device="cuda:1"))
+    with pytest.raises(RuntimeError, match="Attempting to deserialize object on a CUDA device.*no virtual fleet"):
+        pickle.loads(data)
+    with virtual_gpus("1x64MiB"):
+        with pytest.raises(RuntimeError, match="virtual GPU 1, and the running fleet has 1 card"):
+            pickle.loads(data)
+
+
+def test_a_cuda_generator_is_a_cpu_generator_on_the_card(fleet):
+    generator = torch.Generator("cuda:1")
+    assert generator.device == torch.device("cuda:1") and isinstance(generator, torch.Generator)
+    assert isinstance(torch.default_generator, torch.Generator)  # plain generators are still generators
+    first = torch.randn(4, device="cuda:1", generator=generator.manual_seed(7))
+    again = torch.randn(4, device="cuda:1", generator=generator.manual_seed(7))
+    assert first.device == torch.device("cuda:1") and torch.equal(first.cpu(), again.cpu())
+    assert torch.Generator(device="cuda").device == torch.device("cuda:0")
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        torch.Generator("cuda:2")
+    assert torch.Generator("cpu").device == torch.device("cpu")
+
+
+def test_record_stream_on_a_card_has_nothing_to_do(fleet):
+    x = torch.ones(4, device="cuda:0")
+    assert x.record_stream(torch.cuda.current_stream()) is None
+    assert torch.cuda.memory_allocated(0) >= x.nbytes
+
+
+def test_a_thread_outside_the_fleet_is_not_told_the_cards_exist():
+    import threading
+
+    started, done, seen = threading.Event(), threading.Event(), {}
+    machine = (torch.cuda.is_available(), torch.cuda.device_count())
+
+    def run_fleet():
+        with virtual_gpus("2x64MiB"):
+            seen["inside"] = (torch.cuda.is_available(), torch.cuda.device_count())
+            started.set()
+            done.wait(30)
+
+    worker = threading.Thread(target=run_fleet)
+    worker.start()
+    try:
+        assert started.wait(30)
+        # this (main) thread is not in the fleet: it sees the machine, not 2 cards it cannot use
+        assert (torch.cuda.is_available(), torch.cuda.device_count()) == machine
+    finally:
+        done.set()
+        worker.join(30)
+    assert seen["inside"] == (True, 2)

@@ -161,9 +161,15 @@ def cuda_replacements(fleet: Fleet) -> dict[str, Any]:
         for new_state in new_states:
             torch.set_rng_state(new_state)
 
+    def in_fleet() -> bool:
+        return getattr(fleet.thread_state, "mode_depth", 0) > 0
+
+    # A thread that is not in the fleet (the main thread while a fleet runs in a worker thread it started)
+    # sees the machine's own CUDA: its torch calls do not run on the cards, so it is not told they exist.
+    original_available, original_count = torch.cuda.is_available, torch.cuda.device_count
     replacements: dict[str, Any] = {
-        "is_available": lambda: bool(fleet.cards),
-        "device_count": lambda: len(fleet.cards),
+        "is_available": lambda: bool(fleet.cards) if in_fleet() else original_available(),
+        "device_count": lambda: len(fleet.cards) if in_fleet() else original_count(),
         "is_initialized": lambda: True,
         "init": noop,
         "_lazy_init": noop,
@@ -253,35 +259,6 @@ def accelerator_memory_replacements(cuda: dict[str, Any]) -> dict[str, Any]:
         "reset_peak_memory_stats": cuda["reset_peak_memory_stats"],
         "reset_accumulated_memory_stats": cuda["reset_accumulated_memory_stats"],
     }
-
-
-def _autocast_guard(original_init):
-    """``torch.autocast("cuda", ...)`` builds (code may build it to read its dtype or unwrap a model); entering it
-    enabled raises, since CUDA's cast lists are not simulated; disabled (models wrap RoPE in it) it is a no-op."""
-
-    @functools.wraps(original_init)
-    def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
-        if device_type == "cuda":
-            original_init(self, "cpu", dtype=torch.get_autocast_dtype("cpu"), enabled=torch.is_autocast_enabled("cpu"),
-                          cache_enabled=cache_enabled)  # no cuda autocast runs here: the CPU state is kept
-            self.device = "cuda"
-            self.fast_dtype = dtype if dtype is not None else torch.float16
-            self._enabled = enabled
-            self._virtual_cuda = enabled
-            return None
-        return original_init(self, device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
-
-    return __init__
-
-
-def _autocast_enter_guard(original_enter):
-    @functools.wraps(original_enter)
-    def __enter__(self):
-        if getattr(self, "_virtual_cuda", False):
-            raise NotSimulatedError('autocast("cuda") (entered enabled)')
-        return original_enter(self)
-
-    return __enter__
 
 
 _compile_warned = False
@@ -436,6 +413,60 @@ def _default_device_setter(fleet: Fleet, original):
     return set_default_device
 
 
+def _generator_class(fleet: Fleet) -> type:
+    """``torch.Generator("cuda:N")`` in a fleet: a CPU generator (a card's randomness is the CPU's) whose
+    ``device`` is the card; plain generators still pass ``isinstance(g, torch.Generator)``."""
+    base = torch._C.Generator
+
+    class _Meta(type(base)):
+        def __instancecheck__(cls, obj) -> bool:
+            return isinstance(obj, base)
+
+        def __subclasscheck__(cls, sub) -> bool:
+            return issubclass(sub, base)
+
+    class Generator(base, metaclass=_Meta):
+        __doc__ = base.__doc__
+
+        def __new__(cls, device="cpu"):
+            target = resolve_generator_device(fleet, device)
+            generator = super().__new__(cls, "cpu" if target.type == "cuda" else device)
+            generator._virtual_device = target
+            return generator
+
+        def __init__(self, device="cpu") -> None:
+            pass
+
+        @property
+        def device(self) -> torch.device:
+            return self._virtual_device
+
+    Generator.__module__, Generator.__qualname__ = "torch", "Generator"
+    return Generator
+
+
+def resolve_generator_device(fleet: Fleet, device: Any) -> torch.device:
+    target = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if target.type == "cuda":
+        return torch.device("cuda", card_index(fleet, target))
+    return target
+
+
+def _record_stream(original):
+    """``Tensor.record_stream``: a virtual card has one stream and every op is synchronous, so recording a
+    card tensor's use on a stream has nothing to do (exact, not approximate)."""
+
+    @functools.wraps(original)
+    def record_stream(self, stream):
+        from .tensor import _CARD_OF
+
+        if type(self) in _CARD_OF and isinstance(stream, DefaultStream):
+            return None
+        return original(self, stream)
+
+    return record_stream
+
+
 def _thread_start_guard(fleet: Fleet, original_start, mode_factory):
     """A ``threading.Thread`` started from a fleet thread runs in the fleet (as on CUDA, where every thread
     sees the cards), on the card that was current where it was started."""
@@ -531,6 +562,8 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
         targets += [(accelerator_memory, name, value)
                     for name, value in accelerator_memory_replacements(cuda).items() if hasattr(accelerator_memory, name)]
     targets.append((torch, "compile", _eager_compile))
+    targets.append((torch, "Generator", _generator_class(fleet)))
+    targets.append((torch.Tensor, "record_stream", _record_stream(torch.Tensor.record_stream)))
     import torch._dynamo.config as dynamo_config
 
     # what was compiled before the fleet started runs eagerly in it too (dynamo cannot trace a card's tensors)
@@ -539,9 +572,9 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
     targets.append((torch, "set_default_device", _default_device_setter(fleet, torch.set_default_device)))
     targets += _data_parallel_targets(fleet)
     targets += _flex_attention_targets(fleet)
-    autocast = torch.amp.autocast_mode.autocast
-    targets.append((autocast, "__init__", _autocast_guard(autocast.__init__)))
-    targets.append((autocast, "__enter__", _autocast_enter_guard(autocast.__enter__)))
+    from .autocast import autocast_targets
+
+    targets += autocast_targets(lambda: fleet.thread_state)
     import torch.utils.checkpoint as checkpoint
 
     checks = dict(checkpoint._allowed_determinism_checks_to_fns)

@@ -178,13 +178,6 @@ def _parse_to(fleet, func, args, kwargs):
     return func(*args, **kwargs)
 
 
-def _not_simulated(feature):
-    def handler(fleet, func, args, kwargs):
-        raise NotSimulatedError(feature)
-
-    return handler
-
-
 def _host_out_of_memory(fleet, exc: BaseException, args, kwargs) -> BaseException:
     """The host's allocator could not back a card's allocation: CUDA's OOM type for the card of the call."""
     import re
@@ -506,7 +499,6 @@ _HANDLERS = {
     _Tensor.type_as: _type_as,
     _Tensor.numpy: _numpy,
     _Tensor.pin_memory: _pin_memory,
-    _Tensor.record_stream: _not_simulated("Tensor.record_stream (CUDA streams)"),
     _Tensor.histc: _histc,
     torch.histc: _histc,
     _Tensor.data.__set__: _set_data,

@@ -10,6 +10,8 @@ autograd computes. New storages are charged to their card and released when they
 
 from __future__ import annotations
 
+import os
+import sys
 import weakref
 from typing import Any
 
@@ -126,10 +128,16 @@ class VirtualTensor(torch.Tensor):
             return _dim(self)
 
     def __reduce_ex__(self, protocol):
-        # torch.save / pickle: saved as the CPU tensor it is (a card has no device memory to name), so
-        # torch.load(weights_only=True) reads it anywhere, as a CPU tensor
         with _NoTorchFunction():
-            return _Tensor.as_subclass(self, _Tensor).__reduce_ex__(protocol)
+            plain = _Tensor.as_subclass(self, _Tensor)
+            if _in_torch_save():
+                # torch.save: saved as the CPU tensor it is (a card has no device memory to name), so
+                # torch.load(weights_only=True) reads it anywhere; the fleet's torch.load(map_location=...)
+                # puts it back on a card
+                return plain.__reduce_ex__(protocol)
+            # pickle / multiprocessing: as on CUDA, it comes back on its card (where no fleet has that card,
+            # CUDA's error for a CUDA tensor unpickled without CUDA)
+            return _card_tensor_from_pickle, (plain, _CARD_OF[type(self)])
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         with torch._C.DisableTorchFunction():
@@ -149,6 +157,33 @@ class VirtualTensor(torch.Tensor):
 # card index -> its class, and back
 _CARD_CLASSES: list[type] = []
 _CARD_OF: dict[type, int] = {}
+
+
+def _in_torch_save() -> bool:
+    """Whether the pickling under way is ``torch.save``'s (its pickler runs in ``torch/serialization.py``)."""
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if frame.f_code.co_filename.endswith(_SERIALIZATION):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_SERIALIZATION = os.path.join("torch", "serialization.py")
+
+
+def _card_tensor_from_pickle(plain: torch.Tensor, index: int) -> torch.Tensor:
+    fleet = active_fleet
+    if fleet is None or index >= len(fleet.cards):
+        raise RuntimeError(
+            "Attempting to deserialize object on a CUDA device but torch.cuda.is_available() is False. If you "
+            "are running on a CPU-only machine, please use torch.load with map_location=torch.device('cpu') "
+            f"to map your storages to the CPU. (pytest-llmload: this tensor was on virtual GPU {index}, and "
+            + ("no virtual fleet is running)" if fleet is None else f"the running fleet has {len(fleet.cards)} card(s))")
+        )
+    return put_on_card(plain, index)
 
 
 def card_class(index: int) -> type:
