@@ -96,7 +96,7 @@ def write_checkpoint(bench) -> Path:
     code = textwrap.dedent(f"""
         import torch, sys
         from transformers import GPT2Config, GPT2LMHeadModel
-        from pytest_llmload.builtin import BUILTIN_MODELS, build_tokenizer
+        from pytest_llmload._internal.loading.builtins import BUILTIN_MODELS, build_tokenizer
         quick = {bench.args.quick!r}
         config = GPT2Config(n_embd=64 if quick else 768, n_layer=2 if quick else 12, n_head=4 if quick else 12,
                             vocab_size=320 if quick else 50257, n_positions=256 if quick else 1024)
@@ -138,8 +138,8 @@ warnings.filterwarnings("ignore")
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from pytest_llmload import load_model
-from pytest_llmload.cache import ModelCache
-from pytest_llmload.specs import make_spec
+from pytest_llmload._internal.loading.cache import ModelCache
+from pytest_llmload._internal.config.specs import make_spec
 path, precision, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3])
 kwargs = {"dtype": torch.float32} if precision == "fp32" else {
     "quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": "cpu"}
@@ -420,7 +420,7 @@ def bench_virtual(bench, checkpoint):
 TP_SCRIPT = r"""
 import json, os, sys, time
 import torch
-from pytest_llmload.loading import load_model
+from pytest_llmload._internal.loading.call import load_model
 
 path, device_map, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ids = torch.randint(4, 300, (1, 128), generator=torch.Generator().manual_seed(0))
@@ -439,7 +439,7 @@ for _ in range(rounds):
 if device_map == "tp":
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _get_default_store
-    from pytest_llmload.dist import Lockstep, launched_world
+    from pytest_llmload._internal.distributed import Lockstep, launched_world
     guard = Lockstep(dist.PrefixStore("llmload-bench/", _get_default_store()), launched_world(), 60)
     costs = []
     for i in range(300):

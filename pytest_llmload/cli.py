@@ -13,7 +13,7 @@ import re
 import sys
 from typing import Any, Sequence
 
-from .errors import LLMLoadError
+from pytest_llmload.errors import LLMLoadError
 
 _EPILOG = """examples:
   llmload plan meta-llama/Llama-2-7b-hf --gpus 4x24GiB --strategy balanced_low_0 --precision int8
@@ -70,7 +70,7 @@ def _positive_int(text: str) -> int:
 
 def _model(text: str) -> str:
     """A model reference, checked; a path to a ``config.json`` stands for its folder (only the config is read)."""
-    from .specs import parse_model
+    from pytest_llmload._internal.config.specs import parse_model
 
     path = os.path.expanduser(text)
     if os.path.isfile(path):
@@ -83,13 +83,13 @@ def _model(text: str) -> str:
 
 
 def _precision(text: str) -> str:
-    from .specs import parse_precision
+    from pytest_llmload._internal.config.specs import parse_precision
 
     return parse_precision(text)
 
 
 def _fleet(text: str) -> list[int]:
-    from .planning import parse_fleet
+    from pytest_llmload._internal.planning.planner import parse_fleet
 
     return parse_fleet(text)
 
@@ -102,7 +102,7 @@ def _gpu_count(text: str) -> int:
 
 
 def _max_memory(text: str) -> dict:
-    from .specs import parse_max_memory
+    from pytest_llmload._internal.config.specs import parse_max_memory
 
     budget = parse_max_memory(text)
     if not budget:
@@ -111,13 +111,13 @@ def _max_memory(text: str) -> dict:
 
 
 def _size(text: str) -> int:
-    from .sizes import parse_size
+    from pytest_llmload._internal.config.numbers import parse_size
 
     return parse_size(text)
 
 
 def _device_map(text: str):
-    from .specs import parse_device_map
+    from pytest_llmload._internal.config.specs import parse_device_map
 
     return parse_device_map(text)
 
@@ -132,7 +132,7 @@ def _targets(text: str) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .specs import STRATEGIES
+    from pytest_llmload._internal.config.specs import STRATEGIES
 
     parser = _Parser(prog="llmload", description=__doc__, epilog=_EPILOG, formatter_class=_TopFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
@@ -245,7 +245,7 @@ def _fail(command: str, message: str) -> None:
 
 def _cli_wording(exc: Exception) -> str:
     """The library's messages name pytest options and keywords; here the CLI's own flags."""
-    from .estimate import LoraTargetsError
+    from pytest_llmload._internal.planning.training_memory import LoraTargetsError
 
     if isinstance(exc, LoraTargetsError):
         return _lora_targets_message(exc)
@@ -255,7 +255,7 @@ def _cli_wording(exc: Exception) -> str:
 
 
 def _lora_targets_message(exc) -> str:
-    from .estimate import default_lora_targets
+    from pytest_llmload._internal.planning.training_memory import default_lora_targets
 
     layers = ", ".join(exc.layer_names)
     default = default_lora_targets(type("Config", (), {"model_type": exc.model_type})())
@@ -269,7 +269,7 @@ def _lora_targets_message(exc) -> str:
 
 
 def _plan(args) -> int:
-    from .planning import balanced_low_0_problem, plan_device_map
+    from pytest_llmload._internal.planning.planner import balanced_low_0_problem, plan_device_map
 
     if args.strategy == "balanced_low_0" and args.max_memory:
         problem = balanced_low_0_problem(args.max_memory)
@@ -284,8 +284,8 @@ def _plan(args) -> int:
 
 
 def _validate(args) -> int:
-    from .planning import meta_model
-    from .validation import validate_device_map
+    from pytest_llmload._internal.planning.planner import meta_model
+    from pytest_llmload._internal.planning.validation import validate_device_map
 
     spec = args.device_map
     if spec.kind == "tp":
@@ -307,7 +307,7 @@ def _validate(args) -> int:
 
 
 def _estimate(args) -> int:
-    from .specs import QUANTIZED_PRECISIONS
+    from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS
 
     if args.precision in QUANTIZED_PRECISIONS and args.lora_r is None:
         raise LLMLoadError(f"{args.precision} weights cannot be trained directly: add --lora-r 8 to train LoRA "
@@ -326,7 +326,7 @@ def _estimate(args) -> int:
         if not args.gpus:
             raise LLMLoadError(f"--device-map {spec.value} is planned by from_pretrained from the GPUs it finds: "
                                "give them with --gpus (e.g. --gpus 2x24GiB), or give a device or a custom map")
-        from .planning import plan_device_map
+        from pytest_llmload._internal.planning.planner import plan_device_map
 
         plan = plan_device_map(args.model, spec.value, gpus=args.gpus, precision=args.precision,
                                trust_remote_code=args.trust_remote_code)
@@ -345,7 +345,7 @@ def _estimate(args) -> int:
     else:
         device_map = spec.as_user_value()
 
-    from .estimate import estimate_training_memory
+    from pytest_llmload._internal.planning.training_memory import estimate_training_memory
 
     lora = None
     if args.lora_r is not None:

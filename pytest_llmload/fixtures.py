@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
-from .errors import LLMLoadError
+from pytest_llmload.errors import LLMLoadError
 
 if TYPE_CHECKING:
-    from .session import LLMLoadSession
-    from .specs import LLMSpec
+    from pytest_llmload._internal.session.state import LLMLoadSession
+    from pytest_llmload._internal.config.specs import LLMSpec
 
 # Nothing heavier than pytest is imported here: this module is imported with the plugin at every pytest
 # start, also where no test asks for an llm fixture.
@@ -60,7 +60,7 @@ def llm_private_model(request: pytest.FixtureRequest, llm_spec) -> Iterator[Any]
     yield model
     session.cache.release_private(model)  # its offload folder goes now, not at the end of the session
     del model
-    from .cache import release_memory
+    from pytest_llmload._internal.loading.cache import release_memory
 
     release_memory()
 
@@ -85,7 +85,7 @@ class ModelLoader:
         self._session = session
 
     def spec(self, model=None, *, device_map=None, precision=None, max_memory=None):
-        from .specs import make_spec
+        from pytest_llmload._internal.config.specs import make_spec
 
         default = self._session.default_spec()
         return make_spec(
@@ -97,7 +97,7 @@ class ModelLoader:
 
     def __call__(self, model=None, *, device_map=None, precision=None, max_memory=None, private=False, **kwargs):
         with _clean_errors():
-            from .precision import reconcile_precision
+            from pytest_llmload._internal.loading.precision import reconcile_precision
 
             if kwargs.get("config", 0) is None:
                 kwargs.pop("config")  # None means "read it", as from_pretrained takes it
@@ -138,7 +138,7 @@ def llm_memory():
     the JSON report); ``with llm_memory.track() as usage:`` measures a block. GPU peaks are reset at the
     start, so tests do not see each other's peaks.
     """
-    from .memory import MemoryRecorder
+    from pytest_llmload._internal.planning.measure import MemoryRecorder
 
     recorder = MemoryRecorder()
     recorder.start()
@@ -150,7 +150,7 @@ def llm_memory():
 def llm_dist(request: pytest.FixtureRequest):
     """This process's rank, world size, local rank and process group (rank 0 of 1 and no group when the
     run was not launched by torchrun/accelerate launch)."""
-    from .dist.world import DistInfo, launched_world
+    from pytest_llmload._internal.distributed.world import DistInfo, launched_world
 
     world = launched_world()
     group = None

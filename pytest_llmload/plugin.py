@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from .fixtures import (  # noqa: F401
+from pytest_llmload.fixtures import (  # noqa: F401
     SESSION_KEY,
     gpu_inventory,
     llm_dist,
@@ -21,7 +21,7 @@ from .fixtures import (  # noqa: F401
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    from .options import add_options
+    from pytest_llmload._internal.config.options import add_options
 
     add_options(parser)
 
@@ -34,10 +34,10 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
         return
     import os
 
-    from .errors import LLMLoadUsageError
-    from .hardware import assign_worker_gpus
-    from .specs import parse_count
-    from .virtual.pytest_support import spec_card_count
+    from pytest_llmload.errors import LLMLoadUsageError
+    from pytest_llmload._internal.hardware import assign_worker_gpus
+    from pytest_llmload._internal.config.specs import parse_count
+    from pytest_llmload._internal.virtual.pytest_support import spec_card_count
 
     virtual_cards = spec_card_count(
         early_config.known_args_namespace.llm_virtual_gpus or early_config.getini("llm_virtual_gpus"))
@@ -53,22 +53,22 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 def pytest_configure(config: pytest.Config) -> None:
     import os
 
-    from .marks import help_lines
-    from .session import LLMLoadSession
+    from pytest_llmload._internal.config.marks import help_lines
+    from pytest_llmload._internal.session.state import LLMLoadSession
 
     for line in help_lines():
         config.addinivalue_line("markers", line)
     if config.getoption("llm_hub_kernels", None) or config.getini("llm_hub_kernels"):
-        from ._compat.bitsandbytes import allow_hub_kernels
+        from pytest_llmload._internal.compat.bitsandbytes import allow_hub_kernels
 
         allow_hub_kernels(True)  # before a fleet or a probe imports bitsandbytes (the first import decides)
     fleet = (config.getoption("llm_virtual_gpus", None) or config.getini("llm_virtual_gpus")
              or os.environ.get("LLMLOAD_VIRTUAL_GPUS"))  # a parent session's fleet (virtual/pytest_support.py)
     if fleet:
-        from .virtual import pytest_support as virtual_support
+        from pytest_llmload._internal.virtual import pytest_support as virtual_support
 
         virtual_support.start_session_fleet(config)  # first: the session's inventory is the fleet's
-    from .fleet_marker import FleetMarker
+    from pytest_llmload._internal.virtual.marker import FleetMarker
 
     config.pluginmanager.register(FleetMarker(), "llmload-virtual-gpus")
     manager = LLMLoadSession.from_config(config)
@@ -82,7 +82,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     import sys
 
-    hermetic = sys.modules.get("pytest_llmload._compat.bitsandbytes")
+    hermetic = sys.modules.get("pytest_llmload._internal.compat.bitsandbytes")
     if hermetic is not None:
         hermetic.allow_hub_kernels(False)
     manager = config.stash.get(SESSION_KEY, None)
@@ -94,6 +94,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     marker = config.pluginmanager.get_plugin("llmload-virtual-gpus")
     if marker is not None:
         config.pluginmanager.unregister(marker)
-    virtual_support = sys.modules.get("pytest_llmload.virtual.pytest_support")  # imported when a fleet started
+    virtual_support = sys.modules.get("pytest_llmload._internal.virtual.pytest_support")  # imported when a fleet started
     if virtual_support is not None:
         virtual_support.stop_session_fleet(config)

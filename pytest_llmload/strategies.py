@@ -16,8 +16,8 @@ from typing import Any, NamedTuple, Sequence
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from .devices import normalize_device
-from .sizes import parse_size
+from pytest_llmload._internal.planning.devices import normalize_device
+from pytest_llmload._internal.config.numbers import parse_size
 
 BREAKAGES = ("gap", "unknown_module", "split_block", "tied_apart", "unknown_device")
 _DEVICE_TEXT = ("cpu", "disk", "meta")
@@ -56,7 +56,7 @@ def module_tree(model: Any) -> _Tree:
 
     A model that cannot be read (an unknown built-in, a missing path) is hypothesis' ``InvalidArgument``.
     """
-    from .errors import LLMLoadError
+    from pytest_llmload.errors import LLMLoadError
 
     key = _model_key(model)
     if key not in _TREES:
@@ -73,7 +73,7 @@ def _short(value: Any) -> str:
 
 
 def _build_tree(model: Any) -> _Tree:
-    from .validation import as_model
+    from pytest_llmload._internal.planning.validation import as_model
 
     network = as_model(model)
     no_split_classes = set(getattr(network, "_no_split_modules", None) or [])
@@ -115,8 +115,8 @@ def _check_devices(devices: Any, *, name: str = "devices") -> list:
         raise InvalidArgument(f"{name}={_short(devices)} is {why}; expected a non-empty list or tuple such as "
                               "(0, 1, 'cpu')")
     checked, seen = [], set()
-    from .errors import LLMLoadUsageError
-    from .specs import check_device
+    from pytest_llmload.errors import LLMLoadUsageError
+    from pytest_llmload._internal.config.specs import check_device
 
     for device in devices:
         try:
@@ -269,7 +269,7 @@ def _possible(kind: str, tree: _Tree, leaves: list[_Node], devices: list) -> boo
 
 
 def _size(value: Any, name: str) -> int:
-    from .errors import LLMLoadUsageError
+    from pytest_llmload.errors import LLMLoadUsageError
 
     try:
         return parse_size(value)

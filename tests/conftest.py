@@ -8,7 +8,7 @@ import pytest
 # one process: import the heavy stack once, here, so every in-process run shares it.
 import torch  # noqa: E402,F401
 
-from pytest_llmload.hardware import import_bitsandbytes  # noqa: E402
+from pytest_llmload._internal.hardware import import_bitsandbytes  # noqa: E402
 
 import_bitsandbytes()  # quietly: its import warns about torch.jit and kernels-community
 import transformers  # noqa: E402,F401
@@ -81,13 +81,15 @@ def pytest_sessionstart(session):
     # The plugin imports these on first need; imported first inside an in-process pytester run, they
     # would be dropped afterwards, and the next run would hold a second copy (a running fleet's state,
     # stash keys) beside the first.
-    for module in ("affinity", "coverage", "limits", "fleet_marker", "virtual", "virtual.pytest_support",
-                   "dist", "dist.plugin", "fit", "baseline", "validation", "planning", "plan_notes", "tables",
-                   "ownership", "cache", "loading", "precision", "quiet", "hardware"):
-        importlib.import_module(f"pytest_llmload.{module}")
+    for module in ("session.affinity", "session.runners", "session.limits", "virtual.marker", "virtual",
+                   "virtual.pytest_support", "distributed", "distributed.plugin", "planning.fit_check",
+                   "session.baseline", "planning.validation", "planning.planner", "planning.reasons", "tables",
+                   "loading.ownership", "loading.cache", "loading.call", "loading.precision", "loading.quiet_logs",
+                   "hardware"):
+        importlib.import_module(f"pytest_llmload._internal.{module}")
 
     from pytest_llmload import load_model, load_tokenizer
-    from pytest_llmload.builtin import BUILTIN_MODELS
+    from pytest_llmload._internal.loading.builtins import BUILTIN_MODELS
 
     import warnings
 

@@ -10,9 +10,18 @@ from hypothesis.errors import InvalidArgument
 from maps import GPT2_CPU_DISK
 
 import pytest_llmload
-from pytest_llmload import (LLMLoadUsageError, assert_device_map, assert_memory_footprint, assert_outputs_close,
-                            input_device, load_model, load_tokenizer, parse_size, plan_device_map,
-                            validate_device_map)
+from pytest_llmload import (
+    LLMLoadUsageError,
+    assert_device_map,
+    assert_memory_footprint,
+    assert_outputs_close,
+    input_device,
+    load_model,
+    load_tokenizer,
+    parse_size,
+    plan_device_map,
+    validate_device_map,
+)
 from pytest_llmload.strategies import device_maps, invalid_device_maps, max_memory_budgets
 
 
@@ -275,7 +284,7 @@ def test_devices_that_mean_the_same_are_one_device():
     ("cpu", "disk"), (0, "cuda:1", "cpu"), ("cuda:0", "cuda:7"), (0, 1, "cpu"), ("cuda:3", 2), (0, 64),
 ])
 def test_unknown_device_maps_always_name_a_device_outside_devices(devices):
-    from pytest_llmload.devices import normalize_device
+    from pytest_llmload._internal.planning.devices import normalize_device
 
     allowed = {normalize_device(d) for d in devices}
     strategy = invalid_device_maps("builtin:tiny-gpt2", devices=devices, kinds=("unknown_device",))

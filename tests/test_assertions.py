@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-from pytest_llmload._compat.transformers import enable_activation_checkpointing
+from pytest_llmload._internal.compat.transformers import enable_activation_checkpointing
 from pytest_llmload import (
     assert_device_map,
     assert_int8_trainable,
@@ -23,7 +23,7 @@ from pytest_llmload import (
     prepare_model_for_int8_training,
     validate_device_map,
 )
-from pytest_llmload.builtin import builtin_path
+from pytest_llmload._internal.loading.builtins import builtin_path
 
 from maps import GPT2_CPU_DISK
 
@@ -160,7 +160,7 @@ def test_device_hops_and_max_hops(offloaded):
               "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     model = load_model("builtin:tiny-llama", device_map=zigzag)
     assert device_hops(model) == 0
-    from pytest_llmload.devices import execution_order_hops
+    from pytest_llmload._internal.planning.devices import execution_order_hops
 
     assert execution_order_hops([0, 1, 0, 1, "cpu"]) == 4
     assert execution_order_hops([0, 0, 1, 1, "cpu", "disk"]) == 2

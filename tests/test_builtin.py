@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pytest_llmload.builtin import BUILTIN_MODELS, MANIFEST, builtin_path
+from pytest_llmload._internal.loading.builtins import BUILTIN_MODELS, MANIFEST, builtin_path
 
 
 def _digest(path):
@@ -61,7 +61,7 @@ def test_no_staging_folders_are_left(fresh_cache):
 
 def _build(cache_dir):
     os.environ["LLMLOAD_CACHE_DIR"] = cache_dir
-    from pytest_llmload.builtin import builtin_path
+    from pytest_llmload._internal.loading.builtins import builtin_path
 
     return str(builtin_path("tiny-gpt2"))
 
@@ -79,8 +79,8 @@ def test_concurrent_builds_end_with_one_sound_copy(fresh_cache):
 
 
 def test_start_up_knows_every_built_in_by_name():
-    from pytest_llmload.builtin import BUILTIN_MODELS
-    from pytest_llmload.specs import BUILTIN_NAMES
+    from pytest_llmload._internal.loading.builtins import BUILTIN_MODELS
+    from pytest_llmload._internal.config.specs import BUILTIN_NAMES
 
     assert tuple(BUILTIN_MODELS) == BUILTIN_NAMES
 
@@ -88,7 +88,7 @@ def test_start_up_knows_every_built_in_by_name():
 def test_a_copy_another_process_renamed_into_place_meanwhile_is_not_deleted(fresh_cache, monkeypatch):
     # The interleaving: this process finds the copy missing, then another renames its finished copy into
     # place and loads it. This process used to delete that copy (under the other's feet) and build again.
-    from pytest_llmload import builtin
+    from pytest_llmload._internal.loading import builtins as builtin
 
     path = builtin_path("tiny-gpt2")
     real, checks = builtin._is_complete, []
@@ -108,7 +108,7 @@ def test_a_builder_waits_for_another_building_into_the_same_cache(fresh_cache, m
     import fcntl
     import threading
 
-    from pytest_llmload import builtin
+    from pytest_llmload._internal.loading import builtins as builtin
 
     folder = fresh_cache / "builtin"
     folder.mkdir(parents=True)

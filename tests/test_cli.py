@@ -12,11 +12,11 @@ import textwrap
 import pytest
 
 from pytest_llmload import load_model
-from pytest_llmload.builtin import builtin_path
+from pytest_llmload._internal.loading.builtins import builtin_path
 from pytest_llmload.cli import main
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload.estimate import estimate_training_memory
-from pytest_llmload.planning import parse_fleet, plan_device_map
+from pytest_llmload._internal.planning.training_memory import estimate_training_memory
+from pytest_llmload._internal.planning.planner import parse_fleet, plan_device_map
 
 
 def run_cli(capsys, *argv):
@@ -138,7 +138,7 @@ def test_estimate_keeps_the_disk_share(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "estimate", "builtin:tiny-llama", "--device-map", f"@{path}", "--json")
     assert code == 0
     data = json.loads(out)
-    from pytest_llmload.planning import module_sizes
+    from pytest_llmload._internal.planning.planner import module_sizes
 
     assert data["per_device"]["disk"] == module_sizes("builtin:tiny-llama")["model.layers"]
     assert abs(sum(data["per_device"].values()) - data["total"]) <= 2  # nothing dropped (rounding only)
@@ -232,9 +232,9 @@ def test_unused_gpu_notes_without_transformers_log_line(monkeypatch):
     """If a transformers release stops logging what a skipped GPU needed, the note still tells skipped from spare."""
     import re
 
-    import pytest_llmload.plan_notes
+    import pytest_llmload._internal.planning.reasons
 
-    monkeypatch.setattr(pytest_llmload.plan_notes, "_REQUIRED_RE", re.compile("matches nothing"))
+    monkeypatch.setattr(pytest_llmload._internal.planning.reasons, "_REQUIRED_RE", re.compile("matches nothing"))
     skipped = plan_device_map("builtin:tiny-llama", "auto", gpus="4x100KiB", cpu_memory="1GiB")
     assert [n.split(": ", 1)[1].split(" (")[0] for n in skipped.notes] == ["the next module to place did not fit"] * 2
     spare = plan_device_map("builtin:tiny-llama", "sequential", gpus="3x1MiB", cpu_memory="1GiB")
@@ -330,12 +330,12 @@ def test_argument_errors_are_one_line(capsys, argv, needle):
 
 
 def test_an_unexpected_error_is_still_one_line(capsys, monkeypatch):
-    import pytest_llmload.plan_notes
+    import pytest_llmload._internal.planning.reasons
 
     def broken(*args, **kwargs):
         raise KeyError(1)
 
-    monkeypatch.setattr(pytest_llmload.planning, "plan_device_map", broken)
+    monkeypatch.setattr(pytest_llmload._internal.planning.planner, "plan_device_map", broken)
     code, _, err = run_cli(capsys, "plan", "builtin:tiny-llama")
     assert_one_line_error(code, err, "plan")
     assert "internal error: KeyError: 1" in err
@@ -381,7 +381,7 @@ def test_absurd_fleets_and_configs_are_refused_up_front(tmp_path):
     assert len(parse_fleet("4096x1GiB")) == 4096
     from transformers import LlamaConfig, MixtralConfig
 
-    from pytest_llmload.planning import check_config_size
+    from pytest_llmload._internal.planning.planner import check_config_size
 
     with pytest.raises(LLMLoadUsageError, match=r"config num_hidden_layers=1000000 is more than .* \(1024 layers"):
         check_config_size(LlamaConfig(num_hidden_layers=10**6))

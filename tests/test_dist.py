@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import pytest_llmload
-from pytest_llmload.dist import (
+from pytest_llmload._internal.distributed import (
     END,
     NEEDS_LAUNCHER,
     Lockstep,
@@ -36,8 +36,8 @@ from pytest_llmload.dist import (
     tp_reasons,
     world_size_reasons,
 )
-from pytest_llmload.report import LoadReport
-from pytest_llmload.specs import parse_device_map
+from pytest_llmload._internal.session.report import LoadReport
+from pytest_llmload._internal.config.specs import parse_device_map
 
 ROOT = Path(pytest_llmload.__file__).resolve().parent.parent
 RUN_TIMEOUT = 240  # seconds: no launched run may hang
@@ -72,7 +72,7 @@ def test_tp_plan_problem_names_models_without_a_plan():
 
 def test_loading_tp_without_a_launcher_is_one_clear_error(monkeypatch):
     from pytest_llmload.errors import LLMLoadUsageError
-    from pytest_llmload.loading import load_model
+    from pytest_llmload._internal.loading.call import load_model
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(LLMLoadUsageError, match=f"device map tp {NEEDS_LAUNCHER}"):
@@ -424,7 +424,7 @@ def test_builtin_checkpoints_written_on_a_rank_other_than_0_are_whole(tmp_path, 
     rank builds its own staging copy of a built-in checkpoint, so each must write all of it."""
     import transformers.distributed.mixin as mixin
 
-    from pytest_llmload.builtin import BUILTIN_MODELS, MANIFEST, _is_complete, _write_checkpoint
+    from pytest_llmload._internal.loading.builtins import BUILTIN_MODELS, MANIFEST, _is_complete, _write_checkpoint
 
     monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
     monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)

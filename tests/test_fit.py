@@ -1,11 +1,11 @@
-"""The fit check (pytest_llmload.fit): will a cell's weights fit the memory free here, before it loads?"""
+"""The fit check (pytest_llmload._internal.planning.fit_check): will a cell's weights fit the memory free here, before it loads?"""
 
 from __future__ import annotations
 
 import pytest
 
-from pytest_llmload.fit import bytes_per_device, fit_problems
-from pytest_llmload.specs import make_spec
+from pytest_llmload._internal.planning.fit_check import bytes_per_device, fit_problems
+from pytest_llmload._internal.config.specs import make_spec
 
 GiB = 2**30
 
@@ -32,8 +32,8 @@ def test_fit_need_matches_the_sizes_accelerate_computes(precision):
     from transformers.integrations.accelerate import compute_module_sizes as quantized_sizes
 
     from pytest_llmload import load_model
-    from pytest_llmload.fit import cell_need
-    from pytest_llmload.planning import meta_model
+    from pytest_llmload._internal.planning.fit_check import cell_need
+    from pytest_llmload._internal.planning.planner import meta_model
 
     mapping = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 1,
                "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
@@ -72,7 +72,7 @@ def test_fit_check_skips_a_cell_that_cannot_fit(pytester):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-t5"])
 def test_cheap_bound_is_an_upper_bound_of_the_real_footprint(name, precision):
     from pytest_llmload import load_model
-    from pytest_llmload.fit import weights_upper_bound
+    from pytest_llmload._internal.planning.fit_check import weights_upper_bound
 
     bound = weights_upper_bound(make_spec(f"builtin:{name}", "cpu", precision))
     footprint = load_model(f"builtin:{name}", device_map="cpu", precision=precision).get_memory_footprint()
@@ -82,8 +82,8 @@ def test_cheap_bound_is_an_upper_bound_of_the_real_footprint(name, precision):
 def test_cheap_bound_gives_up_on_damaged_files_and_hub_ids(tmp_path):
     import shutil
 
-    from pytest_llmload.builtin import builtin_path
-    from pytest_llmload.fit import weights_upper_bound
+    from pytest_llmload._internal.loading.builtins import builtin_path
+    from pytest_llmload._internal.planning.fit_check import weights_upper_bound
 
     assert weights_upper_bound(make_spec("org/model", "auto", "fp16")) is None
     copy = tmp_path / "ckpt"

@@ -8,8 +8,9 @@ import re
 
 import pytest
 
-from pytest_llmload import hardware
-from pytest_llmload.hardware import GPU, sources
+from pytest_llmload._internal import hardware
+from pytest_llmload._internal.hardware import GPU
+from pytest_llmload._internal.hardware import sources
 
 GiB = 2**30
 
@@ -184,7 +185,7 @@ def test_limit_gpu_memory_on_a_virtual_fleet(pytester):
         "peak was 50.0 MiB (--llm-max-gpu-peak)",
     ])
     from pytest_llmload.errors import LLMLoadUsageError
-    from pytest_llmload.marks import parse_mark
+    from pytest_llmload._internal.config.marks import parse_mark
 
     assert parse_mark(pytest.mark.limit_gpu_memory("6 GiB", device="cuda:1").mark, "t") == (6 * GiB, 1, "allocated")
     with pytest.raises(LLMLoadUsageError, match="kind='peak': expected 'allocated' or 'reserved'"):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload.hardware import (
+from pytest_llmload._internal.hardware import (
     GPU,
     Inventory,
     bitsandbytes_reasons,
@@ -16,8 +16,8 @@ from pytest_llmload.hardware import (
     worker_gpus,
     worker_index,
 )
-from pytest_llmload.marks import parse_mark
-from pytest_llmload.specs import make_spec
+from pytest_llmload._internal.config.marks import parse_mark
+from pytest_llmload._internal.config.specs import make_spec
 
 GiB = 2**30
 BNB_OK = dict(bitsandbytes_version="0.50.2", bitsandbytes_backend="cuda")
@@ -239,7 +239,7 @@ def test_worker_index():
 def test_assign_worker_gpus_sets_cuda_visible_devices(monkeypatch):
     import sys
 
-    from pytest_llmload.hardware import assign_worker_gpus
+    from pytest_llmload._internal.hardware import assign_worker_gpus
 
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():  # a GPU test ran first in this process
@@ -274,7 +274,7 @@ def test_xdist_run_of_a_small_matrix(pytester, no_gpus):
 
 
 def test_an_empty_cuda_visible_devices_means_no_gpu(monkeypatch):
-    from pytest_llmload.hardware.sources import probe_gpus
+    from pytest_llmload._internal.hardware.sources import probe_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     probe = probe_gpus(torch="import")
@@ -285,7 +285,7 @@ def test_nvml_total_is_what_cuda_reports_the_driver_reserve_taken_off():
     """Seen on an H200: NVML's total 143771 MiB, CUDA's 143155 MiB; the v2 info's reserved is the difference."""
     from types import SimpleNamespace
 
-    from pytest_llmload.hardware.sources import _nvml_memory
+    from pytest_llmload._internal.hardware.sources import _nvml_memory
 
     MiB = 2**20
 

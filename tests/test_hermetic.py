@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from pytest_llmload import load_model
-from pytest_llmload._compat import TESTED, MissingInternalError
-from pytest_llmload._compat.transformers import KernelPlan, kernel_failure
+from pytest_llmload._internal.compat import TESTED, MissingInternalError
+from pytest_llmload._internal.compat.transformers import KernelPlan, kernel_failure
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,7 +130,7 @@ def test_kernel_refusal_is_per_thread_and_overlapping_uses_restore_the_real_get_
     kernels = pytest.importorskip("kernels")
     import threading
 
-    from pytest_llmload._compat.bitsandbytes import HubKernelRefused, no_hub_kernels
+    from pytest_llmload._internal.compat.bitsandbytes import HubKernelRefused, no_hub_kernels
 
     def fake_get_kernel(repo_id, *args, **kwargs):
         return f"fetched {repo_id}"
@@ -166,7 +166,7 @@ def test_a_broken_kernels_install_leaves_bitsandbytes_importable(tmp_path):
     broken.mkdir()
     (broken / "__init__.py").write_text("raise ImportError('this kernels install is broken')\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
-    result = _run([sys.executable, "-c", "from pytest_llmload._compat.bitsandbytes import import_bitsandbytes; "
+    result = _run([sys.executable, "-c", "from pytest_llmload._internal.compat.bitsandbytes import import_bitsandbytes; "
                    "print(import_bitsandbytes().__name__)"], env)
     assert result.returncode == 0 and result.stdout.strip() == "bitsandbytes", result.stderr
 
@@ -176,8 +176,8 @@ def test_a_failed_hub_kernel_is_one_line_naming_the_repo_and_the_option_not_trus
     pytest.importorskip("kernels")
     script = (
         "import kernels\n"
-        "from pytest_llmload.loading import _load_error\n"
-        "from pytest_llmload.specs import parse_model\n"
+        "from pytest_llmload._internal.loading.call import _load_error\n"
+        "from pytest_llmload._internal.config.specs import parse_model\n"
         "try:\n"
         "    kernels.get_kernel('kernels-community/rotary', version=1)\n"
         "except Exception as exc:\n"
@@ -210,7 +210,7 @@ def test_kernel_failure_reads_the_cause_chain():
 def test_bitsandbytes_imported_by_the_plugin_asks_no_server_while_a_plain_import_does():
     pytest.importorskip("kernels")
     with CountingHub() as hub:
-        ours = _run([sys.executable, "-c", "from pytest_llmload._compat.bitsandbytes import import_bitsandbytes; "
+        ours = _run([sys.executable, "-c", "from pytest_llmload._internal.compat.bitsandbytes import import_bitsandbytes; "
                      "import_bitsandbytes()"], hub.env())
         assert ours.returncode == 0, ours.stderr
         assert hub.requests == []
@@ -220,7 +220,7 @@ def test_bitsandbytes_imported_by_the_plugin_asks_no_server_while_a_plain_import
             pytest.skip("this bitsandbytes asks no server at import: nothing to compare")
         assert any("kernels-community" in r for r in hub.requests)
         hub.requests.clear()
-        opted_in = _run([sys.executable, "-c", "from pytest_llmload._compat.bitsandbytes import allow_hub_kernels, "
+        opted_in = _run([sys.executable, "-c", "from pytest_llmload._internal.compat.bitsandbytes import allow_hub_kernels, "
                          "import_bitsandbytes; allow_hub_kernels(True); import_bitsandbytes()"], hub.env())
         assert opted_in.returncode == 0, opted_in.stderr
         assert any("kernels-community" in r for r in hub.requests)  # --llm-hub-kernels reaches bitsandbytes

@@ -12,7 +12,7 @@ import torch
 import pytest_llmload
 from pytest_llmload import load_model
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload.precision import reconcile_precision
+from pytest_llmload._internal.loading.precision import reconcile_precision
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -144,7 +144,7 @@ def test_llm_memory_is_readable_in_the_test_and_reported(pytester):
 def test_a_malformed_hf_endpoint_is_one_line(pytester, monkeypatch, endpoint):
     import huggingface_hub.constants
 
-    from pytest_llmload import safety
+    from pytest_llmload._internal.loading import safety
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

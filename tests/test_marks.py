@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmload.marks import MARKERS, help_lines
+from pytest_llmload._internal.config.marks import MARKERS, help_lines
 
 
 @pytest.mark.parametrize("mark, message", [

@@ -10,8 +10,8 @@ import torch
 from pytest_llmload import load_model
 from pytest_llmload.cli import main
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload.estimate import ACTIVATION_TOLERANCE, estimate_training_memory
-from pytest_llmload.memory import saved_activation_bytes, track_memory
+from pytest_llmload._internal.planning.training_memory import ACTIVATION_TOLERANCE, estimate_training_memory
+from pytest_llmload._internal.planning.measure import saved_activation_bytes, track_memory
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ ROTARY_BUFFER = 2 * 64 * 4  # inv_freq and original_inv_freq: head_dim / 2 fp32 
 
 
 def test_rotary_buffers_are_what_the_constant_says(llama_7b):
-    from pytest_llmload.planning import meta_model
+    from pytest_llmload._internal.planning.planner import meta_model
 
     network, _ = meta_model(llama_7b, "fp16")
     assert sum(b.nelement() * b.element_size() for b in network.buffers()) == ROTARY_BUFFER
@@ -89,7 +89,7 @@ def test_estimate_against_a_measured_training_step(name, checkpointing):
     model = load_model(f"builtin:{name}", device_map="cpu", precision="fp32")
     model.train()
     if checkpointing:
-        from pytest_llmload._compat.transformers import enable_activation_checkpointing
+        from pytest_llmload._internal.compat.transformers import enable_activation_checkpointing
 
         enable_activation_checkpointing(model, use_reentrant=False)
     batch, seq = 2, 96
@@ -119,7 +119,7 @@ def test_track_memory_sees_a_cpu_allocation():
 def test_a_peak_read_during_the_run_is_kept_when_the_sampler_missed_it(monkeypatch):
     # the sampling thread may get no CPU while a short-lived block is alive (a loaded CI machine):
     # what snapshot() read is then the only sight of that peak, and stop() must not lose it
-    from pytest_llmload import memory
+    from pytest_llmload._internal.planning import measure as memory
 
     monkeypatch.setattr(memory._RssSampler, "run", lambda self: self._stop_event.wait())  # never samples
     tracker = memory.MemoryTracker().start()

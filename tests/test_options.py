@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from pytest_llmload.builtin import builtin_path
-from pytest_llmload.options import OPTIONS
+from pytest_llmload._internal.loading.builtins import builtin_path
+from pytest_llmload._internal.config.options import OPTIONS
 
 
 def usage_error(result, message: str) -> None:

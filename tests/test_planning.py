@@ -9,7 +9,7 @@ import pytest
 from pytest_llmload import effective_device_map, load_model, plan_device_map, validate_device_map
 from pytest_llmload.cli import main
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload.planning import parse_fleet
+from pytest_llmload._internal.planning.planner import parse_fleet
 
 STRATEGIES = ["auto", "balanced", "balanced_low_0", "sequential"]
 CPU_BUDGETS = ["150KiB", "300KiB", "500KiB", "1MiB"]
@@ -37,7 +37,7 @@ def test_quantized_plan_sizes_match_the_real_footprint(precision):
 
 
 def test_quantized_plan_that_spills_is_refused_like_from_pretrained():
-    from pytest_llmload.planning import PlanRefusedError
+    from pytest_llmload._internal.planning.planner import PlanRefusedError
 
     with pytest.raises(PlanRefusedError, match=r"from_pretrained would refuse this plan \(sequential, int8\): "
                                                r"Some modules are dispatched on the CPU or the disk"):

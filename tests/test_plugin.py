@@ -132,7 +132,7 @@ def test_bad_json_file_is_named(pytester):
 def test_load_error_is_a_clean_test_failure(pytester, tmp_path):
     import shutil
 
-    from pytest_llmload.builtin import builtin_path
+    from pytest_llmload._internal.loading.builtins import builtin_path
 
     broken = tmp_path / "no-weights"
     shutil.copytree(builtin_path("tiny-gpt2"), broken)
@@ -148,7 +148,7 @@ def test_load_error_is_a_clean_test_failure(pytester, tmp_path):
 def test_unreachable_hub_id_is_tried_once_per_session(pytester, offline_hub):
     pytester.makeconftest("""
         def pytest_sessionfinish(session):
-            from pytest_llmload.session import SESSION_KEY
+            from pytest_llmload._internal.session.state import SESSION_KEY
             cache = session.config.stash[SESSION_KEY].cache
             print("config attempts:", cache.config_attempts)
     """)

@@ -80,7 +80,7 @@ def test_plans_respect_budgets_and_lose_no_module(strategy, budget):
 
 @given(budget=max_memory_budgets(gpus=8, disk=True))
 def test_budgets_are_what_from_pretrained_accepts(budget):
-    from pytest_llmload.specs import parse_max_memory
+    from pytest_llmload._internal.config.specs import parse_max_memory
 
     parsed = parse_max_memory(budget)
     assert set(parsed) == set(budget)

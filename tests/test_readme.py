@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pytest_llmload.options import OPTIONS
+from pytest_llmload._internal.config.options import OPTIONS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

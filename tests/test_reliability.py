@@ -16,17 +16,17 @@ import pytest
 import torch
 
 from pytest_llmload import load_model, load_tokenizer
-from pytest_llmload.builtin import builtin_path
-from pytest_llmload.cache import ModelCache
+from pytest_llmload._internal.loading.builtins import builtin_path
+from pytest_llmload._internal.loading.cache import ModelCache
 from pytest_llmload.errors import ModelLoadError
-from pytest_llmload.ownership import (
+from pytest_llmload._internal.loading.ownership import (
     SESSION_PREFIX,
     owned_folder,
     remove_owned_folder,
     sweep_dead_sessions,
     sweep_dead_staging,
 )
-from pytest_llmload.specs import make_spec
+from pytest_llmload._internal.config.specs import make_spec
 
 from maps import GPT2_CPU_DISK
 
@@ -166,7 +166,7 @@ def test_budget_too_small_for_memory_spills_to_disk_and_is_cleaned_up(pytester, 
 
 def test_folders_of_dead_processes_are_swept(tmp_path):
     # Only folders with the plugin's marker whose owner lock is free are swept (see test_reliability_files.py).
-    code = "from pytest_llmload.ownership import session_folder; print(session_folder())"
+    code = "from pytest_llmload._internal.loading.ownership import session_folder; print(session_folder())"
     dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "TMPDIR": str(tmp_path)}).stdout.strip()
     alive = owned_folder(prefix=f"{SESSION_PREFIX}{os.getpid()}-", dir=tmp_path)
@@ -199,7 +199,7 @@ def test_crashed_xdist_worker_leaves_no_offload_folder(pytester, isolated_tmp):
 def test_half_written_builtin_is_never_loaded(tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     code = (
-        "import os, pytest_llmload.builtin as b\n"
+        "import os, pytest_llmload._internal.loading.builtins as b\n"
         "real = b._write_checkpoint\n"
         "def dies(model, directory):\n"
         "    real(model, directory)\n"
@@ -269,7 +269,7 @@ def test_remote_code_is_refused_in_a_session(pytester, tmp_path):
 
 def test_unreachable_hub_fails_once_and_fast(pytester, monkeypatch):
     """No network here: one quick probe instead of huggingface_hub's five retries with backoff."""
-    from pytest_llmload import safety
+    from pytest_llmload._internal.loading import safety
 
     monkeypatch.setattr(safety, "_hub_state", {})
     pytester.makepyfile("""

@@ -17,10 +17,10 @@ import time
 import pytest
 
 from pytest_llmload import load_model, load_tokenizer
-from pytest_llmload.builtin import builtin_path
+from pytest_llmload._internal.loading.builtins import builtin_path
 from pytest_llmload.errors import LLMLoadError, ModelLoadError
-from pytest_llmload.fit import weights_upper_bound
-from pytest_llmload.ownership import (
+from pytest_llmload._internal.planning.fit_check import weights_upper_bound
+from pytest_llmload._internal.loading.ownership import (
     MARKER,
     SESSION_PREFIX,
     owned_folder,
@@ -29,7 +29,7 @@ from pytest_llmload.ownership import (
     sweep_dead_sessions,
     sweep_dead_staging,
 )
-from pytest_llmload.specs import make_spec
+from pytest_llmload._internal.config.specs import make_spec
 
 from maps import GPT2_CPU_DISK
 
@@ -37,7 +37,7 @@ from maps import GPT2_CPU_DISK
 
 _HOLDER = """
 import os, sys, tempfile
-from pytest_llmload.ownership import owned_folder, session_folder
+from pytest_llmload._internal.loading.ownership import owned_folder, session_folder
 folders = [session_folder(), owned_folder(prefix=".tiny-llama-%d-" % os.getpid(), dir=sys.argv[1])]
 print(*folders, sep="\\n", flush=True)
 sys.stdin.read()  # alive until the test closes stdin
@@ -205,11 +205,11 @@ def test_a_session_leaves_the_users_own_session_named_folder_alone(pytester, iso
 
 
 def test_without_flock_nothing_is_swept(tmp_path, monkeypatch):
-    code = "from pytest_llmload.ownership import session_folder; print(session_folder())"
+    code = "from pytest_llmload._internal.loading.ownership import session_folder; print(session_folder())"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "TMPDIR": str(tmp_path)})
     abandoned = proc.stdout.strip()
-    import pytest_llmload.ownership as ownership
+    import pytest_llmload._internal.loading.ownership as ownership
 
     monkeypatch.setattr(ownership, "fcntl", None)  # as on Windows: no proof of death, so no sweep
     assert sweep_dead_sessions(str(tmp_path)) == [] and os.path.isdir(abandoned)
@@ -237,7 +237,7 @@ def test_a_run_in_another_pid_namespace_keeps_a_live_sessions_folders(tmp_path, 
     dead.exit()  # a crashed run: its folders must go, which shows the sweep did run over there
     pytester.makepyfile(f"""
         import os
-        from pytest_llmload.ownership import sweep_dead_staging
+        from pytest_llmload._internal.loading.ownership import sweep_dead_staging
 
         def test_in_a_fresh_pid_namespace():
             assert os.getpid() < 50  # pid 1 is unshare's child: the holder's pid means nothing here
@@ -404,7 +404,7 @@ def test_a_dangling_tokenizer_symlink_fails_the_tokenizer_only(tmp_path):
 def test_damaged_cells_fail_each_test_with_one_remembered_line(pytester, tmp_path, monkeypatch):
     import collections
 
-    import pytest_llmload.safety as safety
+    import pytest_llmload._internal.loading.safety as safety
 
     checks = collections.Counter()
     for name in ("check_checkpoint_files", "check_tokenizer_files"):
@@ -546,7 +546,7 @@ def test_private_copies_remove_their_offload_folders_at_teardown(pytester, isola
 def test_private_load_removes_its_offload_folder_when_collected(isolated_tmp):
     import gc
 
-    from pytest_llmload.cache import ModelCache
+    from pytest_llmload._internal.loading.cache import ModelCache
 
     cache = ModelCache(max_models=1)
     spec = make_spec("builtin:tiny-gpt2", GPT2_CPU_DISK, "fp32")

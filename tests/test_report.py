@@ -1,4 +1,4 @@
-"""The load report (pytest_llmload.report) and footprint baselines (pytest_llmload.baseline)."""
+"""The load report (pytest_llmload._internal.session.report) and footprint baselines (pytest_llmload._internal.session.baseline)."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload.sizes import format_size, parse_size
-from pytest_llmload.specs import (
+from pytest_llmload._internal.config.numbers import format_size, parse_size
+from pytest_llmload._internal.config.specs import (
     make_spec,
     parse_device_map,
     parse_max_memory,

@@ -16,8 +16,8 @@ import torch
 import pytest_llmload
 from pytest_llmload import virtual_gpus
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload.virtual.fleet import parse_virtual_spec
-from pytest_llmload.virtual.tensor import NotSimulatedError, VirtualTensor
+from pytest_llmload._internal.virtual.fleet import parse_virtual_spec
+from pytest_llmload._internal.virtual.tensor import NotSimulatedError, VirtualTensor
 
 MiB = 2**20
 GiB = 2**30
@@ -516,7 +516,7 @@ def test_activation_checkpointing_backward_equals_cpu_and_grads_are_on_their_car
     """Before: the backward ran outside the fleet (a __torch_function__ handler runs with its mode off), so
     checkpointing's recomputation asked the CPU build for CUDA: 'Cannot access accelerator device'."""
     cpu = pytest_llmload.load_model("builtin:tiny-llama", precision="fp32")
-    from pytest_llmload._compat.transformers import enable_activation_checkpointing
+    from pytest_llmload._internal.compat.transformers import enable_activation_checkpointing
 
     enable_activation_checkpointing(cpu)
     cpu.train()

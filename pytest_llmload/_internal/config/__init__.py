@@ -1,0 +1,1 @@
+"""Options, specs and markers: what the user typed, as typed values, parsed once."""

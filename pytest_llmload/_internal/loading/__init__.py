@@ -1,0 +1,1 @@
+"""The load call: files, precision, cache, built-ins, safety, ownership."""

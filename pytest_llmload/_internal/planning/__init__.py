@@ -1,0 +1,1 @@
+"""Planning: device maps, fit checks, training-memory estimates, validation."""

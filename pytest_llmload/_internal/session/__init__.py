@@ -1,0 +1,1 @@
+"""The pytest session's objects: matrix, gating, runners, report, baseline, limits."""
