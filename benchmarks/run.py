@@ -420,7 +420,7 @@ def bench_virtual(bench, checkpoint):
 TP_SCRIPT = r"""
 import json, os, sys, time
 import torch
-from pytest_llmload._internal.loading.call import load_model
+from pytest_llmload import load_model
 
 path, device_map, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ids = torch.randint(4, 300, (1, 128), generator=torch.Generator().manual_seed(0))

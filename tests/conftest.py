@@ -84,7 +84,7 @@ def pytest_sessionstart(session):
     for module in ("session.affinity", "session.runners", "session.limits", "virtual.marker", "virtual",
                    "virtual.pytest_support", "distributed", "distributed.plugin", "planning.fit_check",
                    "session.baseline", "planning.validation", "planning.planner", "planning.reasons", "tables",
-                   "loading.ownership", "loading.cache", "loading.call", "loading.precision", "loading.quiet_logs",
+                   "loading.ownership", "loading.cache", "loading.call", "loading.files", "loading.placement", "loading.precision", "loading.quiet_logs",
                    "hardware"):
         importlib.import_module(f"pytest_llmload._internal.{module}")
 

@@ -72,7 +72,7 @@ def test_tp_plan_problem_names_models_without_a_plan():
 
 def test_loading_tp_without_a_launcher_is_one_clear_error(monkeypatch):
     from pytest_llmload.errors import LLMLoadUsageError
-    from pytest_llmload._internal.loading.call import load_model
+    from pytest_llmload import load_model
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(LLMLoadUsageError, match=f"device map tp {NEEDS_LAUNCHER}"):

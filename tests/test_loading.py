@@ -13,7 +13,7 @@ import torch
 from pytest_llmload import effective_device_map, load_model, load_tokenizer
 from pytest_llmload._internal.loading.builtins import builtin_path
 from pytest_llmload.errors import LLMLoadUsageError, ModelLoadError
-from pytest_llmload._internal.loading.call import prepare_load
+from pytest_llmload import prepare_load
 
 from maps import GPT2_CPU_DISK
 

@@ -148,7 +148,7 @@ def test_load_error_is_a_clean_test_failure(pytester, tmp_path):
 def test_unreachable_hub_id_is_tried_once_per_session(pytester, offline_hub):
     pytester.makeconftest("""
         def pytest_sessionfinish(session):
-            from pytest_llmload._internal.session.state import SESSION_KEY
+            from pytest_llmload.fixtures import SESSION_KEY
             cache = session.config.stash[SESSION_KEY].cache
             print("config attempts:", cache.config_attempts)
     """)

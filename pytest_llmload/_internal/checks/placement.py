@@ -44,7 +44,7 @@ def assert_device_map(model, expected: Any = None, *, devices: Iterable[Any] | A
         if not isinstance(entry, str):
             raise LLMLoadUsageError(f"assert_device_map: expected key {entry!r} is not a module name (a string)")
 
-    from pytest_llmload._internal.loading.call import effective_device_map
+    from pytest_llmload._internal.loading.placement import effective_device_map
 
     actual = effective_device_map(model)
     mismatches: list[tuple[str, str, str]] = []

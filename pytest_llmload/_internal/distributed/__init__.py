@@ -51,4 +51,3 @@ from pytest_llmload._internal.distributed.lockstep import (  # noqa: F401
     merge_rank_loads,
     missing_problem,
 )
-from pytest_llmload._internal.distributed.plugin import DistPlugin  # noqa: F401

@@ -109,7 +109,7 @@ class DistPlugin:
 
     def _plan_problem(self, spec) -> str | None:
         from pytest_llmload.errors import LLMLoadError
-        from pytest_llmload._internal.loading.call import load_config, model_class_for
+        from pytest_llmload._internal.loading.files import load_config, model_class_for
 
         try:
             config = load_config(spec.model_spec, trust_remote_code=self.session.options.trust_remote_code)

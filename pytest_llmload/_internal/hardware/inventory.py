@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from dataclasses import dataclass
 
 from pytest_llmload._internal.config.numbers import format_size
@@ -49,8 +52,6 @@ class Inventory:
         return self.bitsandbytes_backend is not None
 
     def describe_gpus(self) -> str:
-        from pytest_llmload._internal.hardware.sources import is_rocm
-
         return describe_gpus(list(self.gpus), self.source, self.emulated, rocm=is_rocm())
 
     def describe(self) -> str:
@@ -85,3 +86,29 @@ def describe_gpus(gpus: list[GPU], source: str, emulated: int | None = None, roc
     if emulated is not None:
         text += f", emulated as {format_size(emulated)} each (--llm-emulate-gpu)"
     return text
+
+
+_rocm_build: list[bool] = []
+
+
+def is_rocm() -> bool:
+    """Is the installed torch a ROCm build (``torch.version.hip``)? Read without importing torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "version"):
+        return bool(getattr(torch.version, "hip", None))
+    if not _rocm_build:
+        import importlib.util
+
+        found = False
+        try:
+            spec = importlib.util.find_spec("torch")
+            for folder in (spec.submodule_search_locations or []) if spec else []:
+                path = os.path.join(folder, "version.py")
+                if os.path.exists(path):
+                    with open(path, encoding="utf-8") as handle:
+                        found = bool(re.search(r"^hip\b[^=\n]*=\s*['\"]", handle.read(), re.MULTILINE))
+                    break
+        except (ImportError, ValueError, OSError):
+            found = False
+        _rocm_build.append(found)
+    return _rocm_build[0]

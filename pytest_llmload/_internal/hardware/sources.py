@@ -20,34 +20,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pytest_llmload._internal.config.specs import is_whole_number
-from pytest_llmload._internal.hardware.inventory import GPU, describe_gpus
+from pytest_llmload._internal.hardware.inventory import GPU, describe_gpus, is_rocm  # noqa: F401 - is_rocm: a source fact
 
 
 # -- which variable says what is visible -----------------------------------------------------------------
-_rocm_build: list[bool] = []
-
-
-def is_rocm() -> bool:
-    """Is the installed torch a ROCm build (``torch.version.hip``)? Read without importing torch."""
-    torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "version"):
-        return bool(getattr(torch.version, "hip", None))
-    if not _rocm_build:
-        import importlib.util
-
-        found = False
-        try:
-            spec = importlib.util.find_spec("torch")
-            for folder in (spec.submodule_search_locations or []) if spec else []:
-                path = os.path.join(folder, "version.py")
-                if os.path.exists(path):
-                    with open(path, encoding="utf-8") as handle:
-                        found = bool(re.search(r"^hip\b[^=\n]*=\s*['\"]", handle.read(), re.MULTILINE))
-                    break
-        except (ImportError, ValueError, OSError):
-            found = False
-        _rocm_build.append(found)
-    return _rocm_build[0]
 
 
 def visibility_variable() -> str:

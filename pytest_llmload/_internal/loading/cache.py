@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 import weakref
 from collections import OrderedDict
@@ -10,13 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from pytest_llmload.errors import LLMLoadError, ModelLoadError
-from pytest_llmload._internal.loading.call import (
-    LoadCall,
-    load_config,
-    load_tokenizer,
-    needs_offload_folder,
-    prepare_load,
-)
+from pytest_llmload._internal.loading.call import LoadCall, prepare_load, release_memory
+from pytest_llmload._internal.loading.files import load_config, load_tokenizer
+from pytest_llmload._internal.loading.placement import needs_offload_folder
 from pytest_llmload._internal.config.specs import LLMSpec
 
 
@@ -47,16 +42,6 @@ class LoadRecord:
 class CachedModel:
     model: Any
     record: LoadRecord
-
-
-def release_memory() -> None:
-    """Collect garbage and give cached CUDA blocks back to the driver (where CUDA is in use)."""
-    gc.collect()
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 class ModelCache:

@@ -102,7 +102,7 @@ def device_hops(model) -> int:
     With naive model parallelism only one device works at a time and each hop is a transfer, so a map
     that zig-zags (layer 0 on GPU 0, layer 1 on GPU 1, layer 2 on GPU 0) is slower than it needs to be.
     """
-    from pytest_llmload._internal.loading.call import effective_device_map
+    from pytest_llmload._internal.loading.placement import effective_device_map
 
     device_map = effective_device_map(model)
     return execution_order_hops([device_map[e] for e in execution_order(model, device_map)])

@@ -61,7 +61,7 @@ def bytes_per_device(device_map: dict[str, Any], sizes: dict[str, int]) -> dict[
 
 def cell_need(spec: LLMSpec, free: dict[int | str, int]) -> dict[int | str, int]:
     """Bytes per device the cell's weights take once loaded, planned from the config (no weights)."""
-    from pytest_llmload._internal.loading.call import resolve_device_map
+    from pytest_llmload._internal.loading.placement import resolve_device_map
     from pytest_llmload._internal.planning.planner import meta_model, module_sizes, plan_device_map
     from pytest_llmload._internal.config.specs import parse_device_map
 
@@ -97,7 +97,7 @@ def weights_upper_bound(spec: LLMSpec) -> int | None:
         return None
     from pathlib import Path
 
-    from pytest_llmload._internal.loading.call import resolve_source
+    from pytest_llmload._internal.loading.files import resolve_source
     from pytest_llmload._internal.loading.safety import safetensors_header
 
     files = sorted(Path(resolve_source(spec.model_spec)).glob("*.safetensors"))

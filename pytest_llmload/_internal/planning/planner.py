@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from pytest_llmload._internal.planning.devices import device_label, device_order
+from pytest_llmload._internal.planning.reasons import ISSUE_4297
 from pytest_llmload.errors import LLMLoadError, LLMLoadUsageError
 from pytest_llmload._internal.config.numbers import format_size, parse_size
 from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS, STRATEGIES, parse_max_memory, parse_precision
@@ -30,7 +31,6 @@ MAX_EXPERTS = 1024
 MAX_EXPERT_MODULES = 65536  # layers x experts
 _LAYER_KEYS = re.compile(r"^(num_(hidden_|encoder_|decoder_)?layers|n_layers?|(encoder|decoder)_layers)$")
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-ISSUE_4297 = "huggingface/accelerate#4297"
 
 
 class PlanRefusedError(LLMLoadError, ValueError):
@@ -180,7 +180,7 @@ def meta_model(model: Any, precision: str | None = "auto", *, device_map: Any = 
         plan_quantizer,
         quantize_on_meta,
     )
-    from pytest_llmload._internal.loading.call import load_config, model_class_for
+    from pytest_llmload._internal.loading.files import load_config, model_class_for
     from pytest_llmload._internal.loading.precision import quantization_config_for
 
     precision = parse_precision(precision or "auto")

@@ -82,7 +82,7 @@ class Gate:
         """Skip (or fail in strict mode) a cell that cannot run here, before anything loads; fail a cell
         whose custom map does not fit the model."""
         from pytest_llmload._internal.hardware import cell_reasons
-        from pytest_llmload._internal.loading.call import quantized_map_problem
+        from pytest_llmload._internal.loading.placement import quantized_map_problem
 
         problem = quantized_map_problem(spec.precision, spec.device_map)
         if problem and not own_quantization:

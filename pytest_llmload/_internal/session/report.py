@@ -33,7 +33,7 @@ SCHEMA = {"schema": "pytest-llmload/report", "version": 1}
 def describe_load(model, record) -> dict[str, Any]:
     """One load, as it travels on a test report: plain JSON values only."""
     from pytest_llmload._internal.planning.devices import normalize_device, resolve
-    from pytest_llmload._internal.loading.call import effective_device_map
+    from pytest_llmload._internal.loading.placement import effective_device_map
 
     placed = effective_device_map(model)
     footprint = int(model.get_memory_footprint())

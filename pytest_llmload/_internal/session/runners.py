@@ -107,7 +107,7 @@ class CoverageEvaluator:
                 reasons += world_size_reasons(world, value)
         spec = item_spec(item)
         if spec is not None:
-            from pytest_llmload._internal.loading.call import quantized_map_problem
+            from pytest_llmload._internal.loading.placement import quantized_map_problem
 
             problem = quantized_map_problem(spec.precision, spec.device_map)
             if problem:

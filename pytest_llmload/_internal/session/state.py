@@ -17,7 +17,6 @@ from pytest_llmload._internal.config.marks import parse_mark
 from pytest_llmload._internal.config.options import Options, parse_options, reclaim_positional
 from pytest_llmload._internal.config.specs import LLMSpec
 
-from pytest_llmload.fixtures import SESSION_KEY  # noqa: F401 - where the session is kept (config.stash)
 
 
 class LLMLoadSession:

@@ -1,0 +1,96 @@
+"""Where a load puts its modules: the device map ``from_pretrained`` gets, the devices it names, whether it
+may spill to disk, and why a bitsandbytes precision cannot honour it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS, DeviceMapSpec, is_whole_number
+
+ACCELERATOR_FREE = {"cpu", "disk", "meta"}
+
+
+def local_process_index() -> int:
+    """The process's index on its node under ``accelerate launch`` or ``torchrun`` (0 otherwise)."""
+    for var in ("LOCAL_RANK", "ACCELERATE_LOCAL_PROCESS_INDEX", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        if is_whole_number(os.environ.get(var, "")):
+            return int(os.environ[var])
+    return 0
+
+
+def resolve_device_map(spec: DeviceMapSpec) -> Any:
+    """The value ``from_pretrained`` gets: ``process`` becomes this process's own device."""
+    if spec.kind == "process":
+        import torch
+
+        if torch.cuda.is_available():
+            return {"": local_process_index() % torch.cuda.device_count()}
+        return {"": "cpu"}
+    return spec.as_user_value()
+
+
+def map_devices(device_map: Any) -> set:
+    return set(device_map.values()) if isinstance(device_map, dict) else set()
+
+
+def quantized_map_problem(precision: str, device_map: Any) -> str | None:
+    """Why a bitsandbytes precision cannot honour ``device_map`` as asked, or None.
+
+    bitsandbytes keeps modules placed on cpu/disk in fp32 when other modules are on a GPU
+    (``llm_int8_enable_fp32_cpu_offload``). Without any GPU in the map that would leave nothing
+    quantized, so such a cell is refused rather than silently loaded as a float model.
+    """
+    devices = map_devices(device_map)
+    if precision in QUANTIZED_PRECISIONS and "disk" in devices and not (devices - ACCELERATOR_FREE):
+        return (
+            f"{precision} on a map of only cpu and disk would keep every module in fp32 "
+            "(bitsandbytes' llm_int8_enable_fp32_cpu_offload), so nothing would be quantized; "
+            "use device_map 'cpu' for quantized loads without a GPU"
+        )
+    if precision in QUANTIZED_PRECISIONS and _on_virtual_gpus(device_map, devices):
+        return (
+            f"{precision} does not run on virtual GPUs (bitsandbytes' parameter classes cannot hold a virtual "
+            "card's tensor); use device_map 'cpu' for bitsandbytes' CPU backend, or a real GPU"
+        )
+    return None
+
+
+def virtual_gpus_running() -> bool:
+    from pytest_llmload._internal.hardware import virtual_gpus_now
+
+    return virtual_gpus_now()
+
+
+def _on_virtual_gpus(device_map: Any, devices: set) -> bool:
+    """Would this map put modules on the cards of a running virtual GPU fleet?"""
+    if not virtual_gpus_running():
+        return False
+    if isinstance(device_map, dict):
+        return bool(devices - ACCELERATOR_FREE)
+    return device_map not in ACCELERATOR_FREE
+
+
+def needs_offload_folder(device_map: Any, max_memory: Any = None) -> bool:
+    """Whether a load may put weights on disk: a strategy or a budget can spill, a map can name disk."""
+    if device_map is None:
+        return False
+    return (isinstance(device_map, str) and device_map != "tp") or "disk" in map_devices(device_map) or bool(max_memory)
+
+
+def effective_device_map(model) -> dict[str, Any]:
+    """``model.hf_device_map`` where transformers set one, else ``{"": device}`` of its parameters.
+
+    transformers 5 sets no ``hf_device_map`` for a single-device load.
+    """
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        return dict(device_map)
+    import itertools
+
+    device = next((t.device for t in itertools.chain(model.parameters(), model.buffers())), None)
+    if device is None:
+        return {"": "cpu"}
+    if device.type == "cuda":
+        return {"": device.index if device.index is not None else 0}
+    return {"": device.type if device.index is None else f"{device.type}:{device.index}"}
