@@ -36,18 +36,18 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 
     from pytest_llmload.errors import LLMLoadUsageError
     from pytest_llmload._internal.hardware import assign_worker_gpus
-    from pytest_llmload._internal.config.specs import parse_count
-    from pytest_llmload._internal.virtual.pytest_support import spec_card_count
+    from pytest_llmload._internal.config.numbers import parse_count
+    from pytest_llmload._internal.config.options import WORKER_NOTE, read_virtual_gpus
 
-    virtual_cards = spec_card_count(
-        early_config.known_args_namespace.llm_virtual_gpus or early_config.getini("llm_virtual_gpus"))
     try:
+        fleet = read_virtual_gpus(early_config, early=True)
+        virtual_cards = len(fleet.cards) if fleet is not None else None
         per_worker = parse_count(value, "--llm-gpus-per-worker", minimum=1)
         note = assign_worker_gpus(os.environ.get("PYTEST_XDIST_WORKER"), per_worker, virtual_cards=virtual_cards)
     except LLMLoadUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     if note:
-        os.environ["LLMLOAD_WORKER_GPUS_NOTE"] = note
+        early_config.stash[WORKER_NOTE] = note  # the header's line (session/gating.py)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,12 +62,17 @@ def pytest_configure(config: pytest.Config) -> None:
         from pytest_llmload._internal.compat.bitsandbytes import allow_hub_kernels
 
         allow_hub_kernels(True)  # before a fleet or a probe imports bitsandbytes (the first import decides)
-    fleet = (config.getoption("llm_virtual_gpus", None) or config.getini("llm_virtual_gpus")
-             or os.environ.get("LLMLOAD_VIRTUAL_GPUS"))  # a parent session's fleet (virtual/pytest_support.py)
-    if fleet:
+    from pytest_llmload._internal.config.options import read_virtual_gpus
+    from pytest_llmload.errors import LLMLoadUsageError
+
+    try:
+        fleet = read_virtual_gpus(config)
+    except LLMLoadUsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if fleet is not None:
         from pytest_llmload._internal.virtual import pytest_support as virtual_support
 
-        virtual_support.start_session_fleet(config)  # first: the session's inventory is the fleet's
+        virtual_support.start_session_fleet(config, fleet)  # first: the session's inventory is the fleet's
     from pytest_llmload._internal.virtual.marker import FleetMarker
 
     config.pluginmanager.register(FleetMarker(), "llmload-virtual-gpus")

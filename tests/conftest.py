@@ -31,8 +31,7 @@ _OUTER_ENVIRONMENT = {k for k in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
 def _not_an_xdist_worker_for_nested_runs(monkeypatch):
     """When this suite runs under pytest-xdist, a pytest started by a test (pytester) must not inherit the
     outer worker's identity: it would take itself for worker gw0 and slice its GPUs as one."""
-    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID",
-                 "LLMLOAD_WORKER_GPUS_NOTE"):
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
         monkeypatch.delenv(name, raising=False)
     # Code under test sets the GPU visibility variables itself (a worker's slice): whatever a test leaves
     # there is undone, also where the variable was unset (monkeypatch.delenv records nothing then).

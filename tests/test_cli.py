@@ -374,7 +374,7 @@ def test_float_plans_and_estimates_import_only_what_they_use():
 
 
 def test_absurd_fleets_and_configs_are_refused_up_front(tmp_path):
-    with pytest.raises(LLMLoadUsageError, match="10000000 GPUs; the planner plans at most 4096"):
+    with pytest.raises(LLMLoadUsageError, match="'10000000x1GiB': 10000000 cards; a fleet has at most 4096"):
         parse_fleet("10000000x1GiB")
     with pytest.raises(LLMLoadUsageError, match="5000 GPUs"):
         parse_fleet(["1GiB"] * 5000)

@@ -127,7 +127,7 @@ def test_coverage_allow_unrun_strict_fit_check_and_bad_runner(pytester):
     result.stdout.fnmatch_lines(["*needs ~*(incl. ~500.0 MiB CUDA context) on cuda:0; * usable (300.0 MiB free, * kept spare)*"])
     bad = pytester.runpytest("--llm-coverage=cpu,2x")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
-    bad.stderr.fnmatch_lines(["*invalid --llm-coverage runner '2x': expected cpu or NxSIZE[[]@CAPABILITY[]]*"])
+    bad.stderr.fnmatch_lines(["*invalid --llm-coverage runner '2x': expected cpu or NxSIZE[[]@MAJOR.MINOR[]]*"])
 
 
 # -- limit_gpu_memory / --llm-max-gpu-peak -----------------------------------------------------------------

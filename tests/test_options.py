@@ -201,8 +201,7 @@ def test_readme_gpu_ci_command_runs_under_xdist(pytester, monkeypatch):
     smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID",
-                 "LLMLOAD_WORKER_GPUS_NOTE"):  # this test may itself run in an xdist worker
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):  # this test may itself run in an xdist worker
         monkeypatch.delenv(name, raising=False)
     pytester.makepyfile("""
         import os

@@ -111,8 +111,8 @@ def test_marker_runs_one_test_on_a_fleet(pytester):
     """)
     result = pytester.runpytest("-p", "no:randomly", "--continue-on-collection-errors")
     # a bad spec is found at collection, in one line naming the test and the marker
-    result.stdout.fnmatch_lines(["test_bad.py::test_bad_spec: @pytest.mark.virtual_gpus('lots'): invalid card size "
-                                 "'lots' in virtual GPU spec 'lots'*"])
+    result.stdout.fnmatch_lines(["test_bad.py::test_bad_spec: @pytest.mark.virtual_gpus('lots'): invalid virtual GPU "
+                                 "spec 'lots': card size 'lots': expected a number of bytes*"])
     result.assert_outcomes(passed=3, errors=1)
 
 
@@ -120,7 +120,8 @@ def test_bad_option_value_is_one_usage_error_line(pytester):
     pytester.makepyfile("def test_x():\n    pass\n")
     result = pytester.runpytest("--llm-virtual-gpus=2x24XB")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--llm-virtual-gpus: invalid card size '24XB' in virtual GPU spec '2x24XB'*"])
+    result.stderr.fnmatch_lines(["ERROR: invalid --llm-virtual-gpus value '2x24XB': card size '24XB': expected a number "
+                                 "of bytes*"])
 
 
 def test_ini_key(pytester):

@@ -19,8 +19,6 @@ import pytest
 from pytest_llmload.errors import LLMLoadUsageError
 from pytest_llmload._internal.config.numbers import parse_size
 from pytest_llmload._internal.config.specs import (
-    is_whole_number,
-    parse_count,
     parse_device_map,
     parse_max_memory,
     parse_model,
@@ -28,6 +26,7 @@ from pytest_llmload._internal.config.specs import (
     split_values,
     unique,
 )
+from pytest_llmload._internal.config.numbers import is_whole_number, parse_count
 
 DEFAULT_MODEL = "builtin:tiny-llama"
 _ON, _OFF = ("true", "yes", "on"), ("false", "no", "off")  # besides a GPU count (0 = off)
@@ -72,7 +71,7 @@ OPTIONS: list[tuple[str, str, str, dict, str, Any]] = [
     ("--llm-gpus-per-worker", "llm_gpus_per_worker", "under pytest-xdist, give each worker its own K GPUs "
      "(disjoint slices of the visible ones)", dict(metavar="K"), "string", None),
     ("--llm-virtual-gpus", "llm_virtual_gpus", "run the session on a virtual GPU fleet: CPU-backed cards "
-     "with real values, e.g. 2x24GiB or 24GiB,16GiB@9.0", dict(metavar="SPEC"), "string", None),
+     "with real values, e.g. 2x24GiB or 24GiB,16GiB@9.0", dict(metavar="SPEC", action="append"), "string", None),
     ("--llm-coverage", "llm_coverage", "run nothing: evaluate every test and cell against each GPU CI runner "
      "profile (cpu or NxSIZE[@CAPABILITY], comma-separated, e.g. cpu,1x24GiB,2x80GiB@9.0), print which tests "
      "each runs, skips or fails, and exit 1 if a test runs nowhere", dict(metavar="RUNNERS"), "string", None),
@@ -120,6 +119,61 @@ class Options:
     max_gpu_peak: int | None = None
     emulate_gpu: int | None = None
     hub_kernels: bool = False  # --llm-hub-kernels: transformers' own default instead of use_kernels=False
+    virtual_gpus: "VirtualGpus | None" = None  # the session's fleet (read_virtual_gpus)
+
+
+WORKER_NOTE = pytest.StashKey[str]()  # what --llm-gpus-per-worker gave this xdist worker, for the header
+INHERITED_FLEET = "LLMLOAD_VIRTUAL_GPUS"  # the session's fleet, for child processes that run pytest with the plugin
+
+
+@dataclass(frozen=True)
+class VirtualGpus:
+    """The session's fleet as asked for: its spec text, where it was set, and its cards (parsed once)."""
+
+    text: str
+    source: str  # "--llm-virtual-gpus", "llm_virtual_gpus" (ini) or INHERITED_FLEET (a parent session's)
+    cards: tuple
+
+    @property
+    def inherited(self) -> bool:
+        return self.source == INHERITED_FLEET
+
+
+_FLEET_KEY = pytest.StashKey["VirtualGpus | None"]()
+
+
+def read_virtual_gpus(config: pytest.Config, *, early: bool = False) -> VirtualGpus | None:
+    """``--llm-virtual-gpus``, else ``llm_virtual_gpus``, else the parent session's fleet: the one reader of
+    the session's fleet, parsed once (``early``: from the known arguments, before the command line is whole).
+    An empty or repeated value is one usage error, as for every option."""
+    if not early and _FLEET_KEY in config.stash:
+        return config.stash[_FLEET_KEY]
+    from pytest_llmload._internal.virtual.fleet import parse_virtual_spec
+
+    cli = (config.known_args_namespace.llm_virtual_gpus if early
+           else config.getoption("llm_virtual_gpus", None))
+    if cli:
+        if len(cli) > 1:
+            raise LLMLoadUsageError(f"--llm-virtual-gpus was given {len(cli)} times ({', '.join(map(repr, cli))}): "
+                                    "a session runs on one fleet; give it once")
+        text, source = cli[0], "--llm-virtual-gpus"
+    else:
+        text, source = config.getini("llm_virtual_gpus"), "llm_virtual_gpus"
+        if text is None:  # the key is not in the ini (pytest gives the default, None); "" is an empty value
+            text, source = os.environ.get(INHERITED_FLEET), INHERITED_FLEET
+            if not text:
+                text = None
+        elif not str(text).strip():
+            raise LLMLoadUsageError(f"llm_virtual_gpus (ini) was given an empty value {text!r}: give a fleet "
+                                    "such as 2x24GiB or leave the key out")
+    if text is not None and not str(text).strip():
+        raise LLMLoadUsageError(f"{source} was given an empty value {text!r}: give a value or leave the option out "
+                                "(an unset shell variable?)")
+    setting = None if text is None else VirtualGpus(
+        str(text).strip(), source, tuple(parse_virtual_spec(str(text), what=f"{source} value")))
+    if not early:
+        config.stash[_FLEET_KEY] = setting
+    return setting
 
 
 class _Reader:
@@ -240,7 +294,12 @@ def parse_options(config: pytest.Config) -> Options:
         from pytest_llmload._internal.session.runners import parse_runners
 
         coverage = parse_runners(str(coverage_text))
+    virtual = read_virtual_gpus(config)
+    if coverage and virtual is not None and not virtual.inherited:
+        raise LLMLoadUsageError(f"--llm-coverage evaluates runner profiles; leave out {virtual.source} "
+                                f"({virtual.text!r})")
     return Options(
+        virtual_gpus=virtual,
         coverage=coverage,
         coverage_allow_unrun=bool(read.scalar("llm_coverage_allow_unrun")[0]),
         max_gpu_peak=_option_size(read.scalar("llm_max_gpu_peak")[0], "--llm-max-gpu-peak"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.config.numbers import parse_size
+from pytest_llmload._internal.config.numbers import is_whole_number, parse_count, parse_size  # noqa: F401
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "fp4")
 QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
@@ -33,25 +33,6 @@ BUILTIN_NAMES = ("tiny-llama", "tiny-gpt2", "tiny-t5", "tiny-bert", "tiny-mixtra
 # Devices a map that pytest-llmload loads may name (mps, xpu, npu... are refused at start-up).
 LOADABLE_DEVICES = "cpu, disk, cuda, cuda:N or a GPU index N"
 _LOADABLE_RE = re.compile(r"^(cpu|disk|cuda(:[0-9]+)?)$")
-
-
-def is_whole_number(text: Any) -> bool:
-    """ASCII digits only: ``"2"`` yes; ``"²"`` and ``"٣"`` (which ``str.isdigit`` accepts) no."""
-    return isinstance(text, str) and re.fullmatch(r"[0-9]+", text) is not None
-
-
-def parse_count(value: Any, option: str, *, minimum: int = 0, accepted: str | None = None) -> int:
-    """The one parser of whole numbers users write (counts, indices): ASCII digits, at least ``minimum``."""
-    accepted = accepted or f"a whole number >= {minimum}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and is_whole_number(value.strip()):
-        number = int(value.strip())
-    else:
-        raise LLMLoadUsageError(f"invalid {option} value {value!r}: expected {accepted}")
-    if number < minimum:
-        raise LLMLoadUsageError(f"invalid {option} value {value!r}: expected {accepted}")
-    return number
 
 
 def unique(values: Iterable) -> list:

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.config.specs import is_whole_number
+from pytest_llmload._internal.config.numbers import is_whole_number
 
 NEEDS_LAUNCHER = "needs torchrun/accelerate launch with >= 2 processes"
 DEFAULT_TIMEOUT = 300.0

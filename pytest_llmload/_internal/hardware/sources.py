@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from pytest_llmload._internal.config.specs import is_whole_number
+from pytest_llmload._internal.config.numbers import is_whole_number
 from pytest_llmload._internal.hardware.inventory import GPU, describe_gpus, is_rocm  # noqa: F401 - is_rocm: a source fact
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.config.specs import is_whole_number
+from pytest_llmload._internal.config.numbers import is_whole_number
 from pytest_llmload._internal.hardware.sources import _id_list, is_rocm, probe_gpus, visible_device_ids
 
 

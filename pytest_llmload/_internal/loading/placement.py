@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS, DeviceMapSpec, is_whole_number
+from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS, DeviceMapSpec
+from pytest_llmload._internal.config.numbers import is_whole_number
 
 ACCELERATOR_FREE = {"cpu", "disk", "meta"}
 

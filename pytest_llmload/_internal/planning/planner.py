@@ -18,14 +18,12 @@ from typing import Any, Iterator
 from pytest_llmload._internal.planning.devices import device_label, device_order
 from pytest_llmload._internal.planning.reasons import ISSUE_4297
 from pytest_llmload.errors import LLMLoadError, LLMLoadUsageError
-from pytest_llmload._internal.config.numbers import format_size, parse_size
+from pytest_llmload._internal.config.numbers import MAX_CARDS, card_sizes, format_size, parse_cards, parse_size
 from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS, STRATEGIES, parse_max_memory, parse_precision
-
-_FLEET_RE = re.compile(r"^\s*(\d+)\s*[xX*]\s*(.+)$")
 
 # Limits that keep a plan from running for minutes on an absurd input (a plan of a real model takes
 # well under a second): GPUs in a fleet, layers per stack and experts per layer built on the meta device.
-MAX_GPUS = 4096
+MAX_GPUS = MAX_CARDS
 MAX_LAYERS = 1024
 MAX_EXPERTS = 1024
 MAX_EXPERT_MODULES = 65536  # layers x experts
@@ -42,7 +40,8 @@ class PlannerUnavailableError(LLMLoadError, RuntimeError):
 
 
 def parse_fleet(gpus: Any) -> list[int]:
-    """GPU sizes from ``"4x24GiB"``, ``"24GiB,24GiB,80GiB"``, a list of sizes, or an int count of 80 GiB cards."""
+    """GPU sizes from ``"4x24GiB"``, ``"24GiB,24GiB,80GiB"`` (the one card-spec grammar; a capability after
+    ``@`` is accepted and plays no part in a plan), or a list of sizes."""
     if gpus is None:
         return []
     if isinstance(gpus, (list, tuple)):
@@ -50,24 +49,7 @@ def parse_fleet(gpus: Any) -> list[int]:
         return [parse_size(g) for g in gpus]
     if isinstance(gpus, int) and not isinstance(gpus, bool):
         raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: give sizes, e.g. '{gpus}x24GiB'")
-    if not isinstance(gpus, str) or not gpus.strip():
-        raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: expected e.g. '4x24GiB' or '24GiB,48GiB'")
-    parts = gpus.split(",")
-    counts = []
-    for part in parts:
-        match = _FLEET_RE.match(part)
-        counts.append(int(match.group(1)) if match else 1)
-        if match and counts[-1] < 1:
-            raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: a count must be >= 1")
-    _check_fleet_size(sum(counts), f"invalid GPU fleet {gpus!r}")
-    sizes = []
-    for part, count in zip(parts, counts):
-        match = _FLEET_RE.match(part)
-        try:
-            sizes += [parse_size((match.group(2) if match else part).strip())] * count
-        except LLMLoadUsageError:
-            raise LLMLoadUsageError(f"invalid GPU fleet {gpus!r}: expected e.g. '4x24GiB' or '24GiB,48GiB'") from None
-    return sizes
+    return card_sizes(parse_cards(gpus, "GPU fleet", max_cards=MAX_GPUS))
 
 
 def _check_fleet_size(count: int, what: str) -> None:

@@ -18,14 +18,14 @@ from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS, LLMSpec,
 class Gate:
     """The plugin object behind ``requires_gpus``/``requires_bitsandbytes`` and every cell's hardware check."""
 
-    def __init__(self, options, reporter) -> None:
+    def __init__(self, options, reporter, worker_note: str | None = None) -> None:
         self.options = options
         self.reporter = reporter
         self._fit = None
         self._inventory = None
         self._bitsandbytes_probed = False
         self._map_problems: dict[tuple, list[str]] = {}
-        self.worker_note = os.environ.get("LLMLOAD_WORKER_GPUS_NOTE")
+        self.worker_note = worker_note  # what --llm-gpus-per-worker gave this xdist worker
 
     @property
     def fit(self):

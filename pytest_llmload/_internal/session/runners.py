@@ -17,7 +17,7 @@ import pytest
 from pytest_llmload.errors import LLMLoadError, LLMLoadUsageError
 from pytest_llmload._internal.hardware import GPU, Inventory
 
-ACCEPTED = "cpu or NxSIZE[@CAPABILITY] such as 1x24GiB or 2x80GiB@9.0, comma-separated"
+ACCEPTED = "cpu or NxSIZE[@MAJOR.MINOR] such as 1x24GiB or 2x80GiB@9.0, comma-separated (ASCII digits)"
 RUN, SKIP, FAIL = "run", "skip", "fail"
 _HOST_RAM = 2**50  # a runner's RAM is not part of its profile: cpu placements are not fit-checked
 
@@ -36,32 +36,27 @@ class Runner:
 
 
 def parse_runners(text: str) -> list[Runner]:
-    """``"cpu,1x24GiB,2x80GiB@9.0"`` -> runner profiles (a bad one is one usage-error line)."""
-    import re
-
-    from pytest_llmload._internal.config.numbers import parse_size
+    """``"cpu,1x24GiB,2x80GiB@9.0"`` -> runner profiles (a bad one is one usage-error line). Each GPU runner is
+    an item of the one card-spec grammar; two runners that parse to the same cards are one runner named twice."""
+    from pytest_llmload._internal.config.numbers import CardGroup, parse_cards
 
     runners: list[Runner] = []
+    seen: dict[object, str] = {}
     for raw in text.split(","):
         item = raw.strip()
         if item.lower() == "cpu":
-            runners.append(Runner("cpu"))
-            continue
-        match = re.fullmatch(r"(\d+)\s*[xX]\s*([^@]+?)\s*(?:@\s*(\d+)\.(\d+))?", item)
-        size = None
-        if match:
-            try:
-                size = parse_size(match.group(2))
-            except LLMLoadUsageError:
-                size = None
-        if not match or not size or int(match.group(1)) < 1:
-            raise LLMLoadUsageError(f"invalid --llm-coverage runner {item!r}: expected {ACCEPTED}")
-        capability = (int(match.group(3)), int(match.group(4))) if match.group(3) else None
-        count = int(match.group(1))
-        runners.append(Runner(item, tuple(GPU(i, f"{item} runner", size, size, capability) for i in range(count))))
-    labels = [r.label for r in runners]
-    if len(set(labels)) != len(labels):
-        raise LLMLoadUsageError(f"invalid --llm-coverage value {text!r}: a runner is named twice")
+            key: object = "cpu"
+            runner = Runner("cpu")
+        else:
+            (group,) = parse_cards(item, "--llm-coverage runner", accepted=ACCEPTED)
+            key = CardGroup(group.count, group.size, group.capability)
+            runner = Runner(item, tuple(GPU(i, f"{item} runner", group.size, group.size, group.capability)
+                                        for i in range(group.count)))
+        if key in seen:
+            again = f"{item!r} is {seen[key]!r}" if item != seen[key] else repr(item)
+            raise LLMLoadUsageError(f"invalid --llm-coverage value {text!r}: runner {again} named twice")
+        seen[key] = item
+        runners.append(runner)
     return runners
 
 

@@ -30,7 +30,9 @@ class LLMLoadSession:
         self.config = config
         self.options = options
         self.reporter = Reporter(config, options, baseline)
-        self.gate = Gate(options, self.reporter)
+        from pytest_llmload._internal.config.options import WORKER_NOTE
+
+        self.gate = Gate(options, self.reporter, config.stash.get(WORKER_NOTE, None))
         self._lazy: dict[str, object] = {}
         self.matrix = Matrix(options, self.need)
         self.affinity = None
@@ -97,8 +99,6 @@ class LLMLoadSession:
                 from pytest_llmload._internal.session.baseline import Baseline
 
                 baseline = Baseline.load(options.baseline, options.baseline_tolerance)
-            if options.coverage and config.getoption("llm_virtual_gpus", None):
-                raise LLMLoadUsageError("--llm-coverage evaluates runner profiles; leave out --llm-virtual-gpus")
         except LLMLoadUsageError as exc:
             raise pytest.UsageError(str(exc)) from None
         # The total is checked where the GPUs are whole: an xdist worker sees only its own slice.

@@ -114,6 +114,13 @@ class virtual_gpus(contextlib.ContextDecorator):
         self.spec = spec
         self._runtime: _Runtime | None = None
 
+    @classmethod
+    def of_cards(cls, spec: str, cards: list) -> "virtual_gpus":
+        """A fleet of cards already parsed (the session's, read once from the options)."""
+        fleet = cls.__new__(cls)
+        fleet.cards, fleet.spec, fleet._runtime = list(cards), spec, None
+        return fleet
+
     def __enter__(self) -> Fleet:
         global _active
         with _lock:

@@ -13,21 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.config.numbers import format_size, parse_size
-from pytest_llmload._internal.config.specs import is_whole_number
+from pytest_llmload._internal.config.numbers import format_size, is_whole_number, parse_cards
 
 DEFAULT_CAPABILITY = (8, 0)
 DEFAULT_NAME = "Virtual GPU (CPU)"
 # CUDA's caching allocator hands out blocks in multiples of 512 bytes; memory_allocated shows that rounding.
 _ALLOC_ROUND = 512
-
-SPEC_ACCEPTED = (
-    "a card count and size such as '2x24GiB', or sizes of unequal cards such as '24GiB,16GiB', "
-    "optionally followed by a compute capability such as '@9.0'"
-)
-_CARD_RE = re.compile(r"^\s*(?:(\d+)\s*[xX*]\s*)?(.+?)\s*$")
-_CAPABILITY_RE = re.compile(r"^\s*(\d+)\.(\d+)\s*$")
-
 
 @dataclass(frozen=True)
 class CardSpec:
@@ -38,38 +29,14 @@ class CardSpec:
     name: str = DEFAULT_NAME
 
 
-def parse_virtual_spec(spec: object, name: str | None = None) -> list[CardSpec]:
-    """``"2x24GiB"``, ``"24GiB,16GiB"``, ``"2x80GiB@9.0"`` -> one ``CardSpec`` per card."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise LLMLoadUsageError(f"invalid virtual GPU spec {spec!r}: expected {SPEC_ACCEPTED}")
-    text, _, capability_text = spec.partition("@")
-    capability = DEFAULT_CAPABILITY
-    if capability_text:
-        match = _CAPABILITY_RE.match(capability_text)
-        if not match:
-            raise LLMLoadUsageError(
-                f"invalid compute capability {capability_text!r} in virtual GPU spec {spec!r}: "
-                "expected MAJOR.MINOR such as '8.0' or '9.0'"
-            )
-        capability = (int(match.group(1)), int(match.group(2)))
-    cards: list[CardSpec] = []
-    for item in text.split(","):
-        match = _CARD_RE.match(item)
-        if not item.strip() or not match:
-            raise LLMLoadUsageError(f"invalid virtual GPU spec {spec!r}: expected {SPEC_ACCEPTED}")
-        count = int(match.group(1)) if match.group(1) else 1
-        try:
-            size = parse_size(match.group(2))
-        except LLMLoadUsageError:
-            raise LLMLoadUsageError(
-                f"invalid card size {match.group(2)!r} in virtual GPU spec {spec!r}: expected {SPEC_ACCEPTED}"
-            ) from None
-        if count < 1 or size < 1:
-            raise LLMLoadUsageError(
-                f"invalid virtual GPU spec {spec!r}: a fleet needs at least one card of more than 0 bytes"
-            )
-        cards.extend(CardSpec(size, capability, name or DEFAULT_NAME) for _ in range(count))
-    return cards
+def parse_virtual_spec(spec: object, name: str | None = None, what: str = "virtual GPU spec") -> list[CardSpec]:
+    """``"2x24GiB"``, ``"24GiB,16GiB"``, ``"2x80GiB@9.0"`` -> one ``CardSpec`` per card (the one card-spec
+    grammar, :func:`~pytest_llmload._internal.config.numbers.parse_cards`). A capability written after the last
+    item is the fleet's (``"24GiB,16GiB@9.0"``: both cards); one written after another item is that item's."""
+    groups = parse_cards(spec, what)
+    fleet_capability = groups[-1].capability or DEFAULT_CAPABILITY
+    return [CardSpec(group.size, group.capability or fleet_capability, name or DEFAULT_NAME)
+            for group in groups for _ in range(group.count)]
 
 
 def host_ram_note(cards: list[CardSpec]) -> str | None:

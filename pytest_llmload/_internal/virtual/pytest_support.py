@@ -7,62 +7,34 @@ import os
 
 import pytest
 
+from pytest_llmload._internal.config.options import INHERITED_FLEET, VirtualGpus
 from pytest_llmload.errors import LLMLoadUsageError
 
-OPTION = "llm_virtual_gpus"
-INHERITED = "LLMLOAD_VIRTUAL_GPUS"  # the session's fleet, for child processes that run pytest with the plugin
 _SESSION_FLEET = pytest.StashKey[object]()
 _INHERITED_SPEC = pytest.StashKey[str]()
 _TEST_FLEET = pytest.StashKey[object]()
 
 
-def session_spec(config: pytest.Config) -> str | None:
-    """The session's fleet: ``--llm-virtual-gpus``, else ``llm_virtual_gpus``, else the parent process's."""
-    value = config.getoption(OPTION, None) or config.getini(OPTION)
-    if not value:
-        value = os.environ.get(INHERITED)
-    return str(value).strip() or None if value else None
-
-
 def inherited_note(config: pytest.Config) -> str | None:
     """The header's words when the session runs on a fleet it inherited from its parent process."""
     spec = config.stash.get(_INHERITED_SPEC, None)
-    return (f"virtual GPUs {spec} inherited from the parent process ({INHERITED}); a child Python that does not "
-            "run pytest with this plugin sees the machine's own GPUs") if spec else None
+    return (f"virtual GPUs {spec} inherited from the parent process ({INHERITED_FLEET}); a child Python that does "
+            "not run pytest with this plugin sees the machine's own GPUs") if spec else None
 
 
-def spec_card_count(value: str | None) -> int | None:
-    """How many cards a spec names (for xdist GPU slices before the fleet starts); None without a spec."""
-    if not value:
-        return None
-    from pytest_llmload._internal.virtual.fleet import parse_virtual_spec
-
-    try:
-        return len(parse_virtual_spec(value))
-    except LLMLoadUsageError as exc:
-        raise pytest.UsageError(f"--llm-virtual-gpus: {exc}") from None
-
-
-def start_session_fleet(config: pytest.Config) -> None:
-    """Enter the session's fleet (before the session reads the inventory); a bad spec is a UsageError."""
-    spec = session_spec(config)
-    if spec is None:
-        return
+def start_session_fleet(config: pytest.Config, setting: VirtualGpus) -> None:
+    """Enter the session's fleet (before the session reads the inventory); ``setting`` was parsed once, by
+    :func:`~pytest_llmload._internal.config.options.read_virtual_gpus`."""
     from pytest_llmload._internal.virtual import active_fleet, virtual_gpus
 
-    inherited = not (config.getoption(OPTION, None) or config.getini(OPTION))
-    if inherited and active_fleet() is not None:
+    if setting.inherited and active_fleet() is not None:
         return  # an in-process run (pytester) inside the fleet it would inherit: already on it
-    try:
-        fleet = virtual_gpus(spec)
-        fleet.__enter__()
-    except LLMLoadUsageError as exc:
-        source = INHERITED if inherited else "--llm-virtual-gpus"
-        raise pytest.UsageError(f"{source}: {exc}") from None
-    config.stash[_SESSION_FLEET] = (fleet, os.environ.get(INHERITED))
-    if inherited:
-        config.stash[_INHERITED_SPEC] = spec
-    os.environ[INHERITED] = spec  # child processes that run pytest with the plugin start on the same fleet
+    fleet = virtual_gpus.of_cards(setting.text, setting.cards)
+    fleet.__enter__()
+    config.stash[_SESSION_FLEET] = (fleet, os.environ.get(INHERITED_FLEET))
+    if setting.inherited:
+        config.stash[_INHERITED_SPEC] = setting.text
+    os.environ[INHERITED_FLEET] = setting.text  # child processes that run pytest with the plugin start on it
 
 
 def stop_session_fleet(config: pytest.Config) -> None:
@@ -71,9 +43,9 @@ def stop_session_fleet(config: pytest.Config) -> None:
         del config.stash[_SESSION_FLEET]
         fleet, previous = started
         if previous is None:
-            os.environ.pop(INHERITED, None)
+            os.environ.pop(INHERITED_FLEET, None)
         else:
-            os.environ[INHERITED] = previous
+            os.environ[INHERITED_FLEET] = previous
         fleet.__exit__(None, None, None)
 
 
