@@ -241,14 +241,18 @@ def _driver_hint() -> bool:
 
 
 # -- --llm-emulate-gpu -----------------------------------------------------------------------------------
-_emulated: list[int] = []
+_emulated: list[int] = []  # the one owner of the emulated size (real cards and virtual ones read it here)
+_emulation_listeners: list = []  # called after a change (a running virtual fleet re-reads its cards' limits)
 
 
 def set_emulated_memory(size: int | None) -> None:
-    """Make every card look (to every caller of :func:`probe_gpus`) ``size`` bytes big; None ends it."""
+    """Make every card look (to every caller of :func:`probe_gpus`, and every virtual card) ``size`` bytes
+    big; None ends it."""
     _emulated.clear()
     if size is not None:
         _emulated.append(int(size))
+    for listener in list(_emulation_listeners):
+        listener()
 
 
 def emulated_memory() -> int | None:

@@ -91,17 +91,13 @@ class GpuEmulation:
 
     def start(self) -> None:
         from pytest_llmload._internal.hardware import set_emulated_memory
-        from pytest_llmload._internal.virtual.fleet import set_capacity_limit
 
         set_emulated_memory(self.size)
-        set_capacity_limit(self.size)  # virtual cards (the session's fleet and a marker's) shrink
 
     def stop(self) -> None:
         from pytest_llmload._internal.hardware import set_emulated_memory
-        from pytest_llmload._internal.virtual.fleet import set_capacity_limit
 
         set_emulated_memory(None)
-        set_capacity_limit(None)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:

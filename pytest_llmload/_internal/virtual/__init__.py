@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import sys
 import threading
 from typing import Any
 
@@ -20,12 +21,14 @@ from pytest_llmload._internal.virtual.fleet import CardSpec, Fleet, describe_fle
 __all__ = ["virtual_gpus", "active_fleet", "parse_virtual_spec", "describe_fleet", "CardSpec", "Fleet"]
 
 _lock = threading.Lock()
-_active: _Runtime | None = None
+_TENSOR = f"{__name__}.tensor"
 
 
 def active_fleet() -> Fleet | None:
-    """The fleet running now, or None."""
-    return _active.fleet if _active is not None else None
+    """The fleet running now, or None: ``tensor.active_fleet``, its one owner (set while a fleet runs; the
+    tensor module is imported when the first fleet starts, so none has run before)."""
+    tensor = sys.modules.get(_TENSOR)
+    return tensor.active_fleet if tensor is not None else None
 
 
 class _Runtime:
@@ -122,24 +125,19 @@ class virtual_gpus(contextlib.ContextDecorator):
         return fleet
 
     def __enter__(self) -> Fleet:
-        global _active
         with _lock:
-            if _active is not None:
+            running = active_fleet()
+            if running is not None:
                 raise LLMLoadUsageError(
                     f"virtual GPU fleet {self.spec!r} cannot start: a fleet "
-                    f"({describe_fleet(_active.fleet.specs)}) is already active; fleets do not nest"
+                    f"({describe_fleet(running.specs)}) is already active; fleets do not nest"
                 )
-            _active = self._runtime = _Runtime(self.cards)
+            self._runtime = _Runtime(self.cards)
         return self._runtime.fleet
 
     def __exit__(self, *exc: object) -> bool:
-        global _active
         runtime, self._runtime = self._runtime, None
-        try:
-            if runtime is not None:
-                runtime.stop()
-        finally:
+        if runtime is not None:
             with _lock:
-                if _active is runtime:
-                    _active = None
+                runtime.stop()  # the tensor module's active_fleet goes back to None
         return False

@@ -5,15 +5,13 @@ Pure Python (no torch import at module level) so a spec can be checked without l
 
 from __future__ import annotations
 
-import os
-import re
 import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_llmload.errors import LLMLoadUsageError
 from pytest_llmload._internal.config.numbers import format_size, is_whole_number, parse_cards
+from pytest_llmload._internal.hardware.sources import _emulation_listeners, emulated_memory, visible_device_ids
 
 DEFAULT_CAPABILITY = (8, 0)
 DEFAULT_NAME = "Virtual GPU (CPU)"
@@ -63,18 +61,17 @@ def describe_fleet(cards: list[CardSpec]) -> str:
 def visible_ordinals(count: int) -> list[int]:
     """Physical cards that CUDA_VISIBLE_DEVICES exposes, in the order it names them (CUDA's rules:
     the list ends at the first entry that is not a card of this machine)."""
-    value = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if value is None:
+    ids = visible_device_ids()  # the one reader of the variable (hardware/sources.py)
+    if ids is None:
         return list(range(count))
-    if not value.strip():
+    if not ids:
         from pytest_llmload._internal.hardware.xdist import WORKER_SLICE, worker_gpus
 
         if WORKER_SLICE:  # an xdist worker of a GPU-less machine (--llm-gpus-per-worker): its slice of these cards
             index, per_worker = WORKER_SLICE
             return [int(i) for i in worker_gpus(index, per_worker, [str(i) for i in range(count)])]
     ordinals: list[int] = []
-    for part in value.split(","):
-        part = part.strip()
+    for part in ids:
         if not is_whole_number(part) or int(part) >= count or int(part) in ordinals:
             break  # "²" and "٣" pass str.isdigit but are no card numbers
         ordinals.append(int(part))
@@ -91,15 +88,12 @@ def cuda_format_size(num_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-_capacity_limit: list[int] = []
 _live_fleets: weakref.WeakSet = weakref.WeakSet()
 
 
-def set_capacity_limit(size: int | None) -> None:
-    """``--llm-emulate-gpu``: every virtual card (running or started later) holds at most ``size`` bytes."""
-    _capacity_limit.clear()
-    if size is not None:
-        _capacity_limit.append(int(size))
+def _emulation_changed() -> None:
+    """``--llm-emulate-gpu`` (hardware/sources.py owns the size): every virtual card, running or started
+    later, holds at most that many bytes."""
     for fleet in list(_live_fleets):
         with fleet.lock:
             for card in fleet.cards:
@@ -123,9 +117,8 @@ class Card:
 
     @property
     def total_memory(self) -> int:
-        if _capacity_limit:
-            return min(self.spec.total_memory, _capacity_limit[0])
-        return self.spec.total_memory
+        emulated = emulated_memory()
+        return self.spec.total_memory if emulated is None else min(self.spec.total_memory, emulated)
 
 
 @dataclass(eq=False)
@@ -209,3 +202,7 @@ class Fleet:
     def mem_get_info(self, index: int) -> tuple[int, int]:
         card = self.cards[index]
         return max(card.total_memory - card.reserved, 0), card.total_memory
+
+
+if _emulation_changed not in _emulation_listeners:
+    _emulation_listeners.append(_emulation_changed)
