@@ -60,3 +60,34 @@ def test_help_lines_come_from_the_functions():
 def test_marker_help_in_pytest_markers(pytester):
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.max_footprint(limit): fail if the llm_model*"])
+
+
+def test_each_marker_is_parsed_once_per_session(pytester, monkeypatch):
+    """Parsed at collection, read at setup by the gate, limits and the footprint check (it was parsed again by
+    each of them)."""
+    from pytest_llmload._internal.config import marks
+
+    calls = []
+    for name in ("requires_gpus", "limit_gpu_memory", "max_footprint"):
+        original = marks.MARKERS[name]
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        counted.__signature__ = __import__("inspect").signature(original)
+        counted.__doc__ = original.__doc__
+        monkeypatch.setitem(marks.MARKERS, name, counted)
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.requires_gpus(0 + 1)
+        @pytest.mark.limit_gpu_memory("1GiB")
+        @pytest.mark.max_footprint("1GiB")
+        @pytest.mark.parametrize("x", [1, 2, 3])
+        def test_x(x):
+            pass
+    """)
+    result = pytester.runpytest_inprocess("-p", "no:randomly")
+    result.assert_outcomes(skipped=3)
+    assert sorted(calls) == ["limit_gpu_memory", "max_footprint", "requires_gpus"]

@@ -11,7 +11,11 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+import pytest
+
 from pytest_llmload.errors import LLMLoadUsageError
+
+_PARSED = pytest.StashKey[dict]()  # id(mark) -> (mark, its parsed arguments), for the session
 
 
 def llm(*, models: Any = None, device_maps: Any = None, precisions: Any = None) -> dict[str, list]:
@@ -122,6 +126,27 @@ def help_lines() -> list[str]:
 
 def _call_text(name: str, args: tuple, kwargs: dict) -> str:
     return f"@pytest.mark.{name}(" + ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]) + ")"
+
+
+def parsed_marks(node: Any, name: str, config: Any = None) -> list[Any]:
+    """The parsed arguments of each ``name`` marker on ``node`` (an item or a function definition), closest
+    first. Each marker is parsed once per session: at collection, where the matrix checks every marker, and
+    the checks at setup (gating, limits, footprints, world size, coverage) read the same value."""
+    config = config if config is not None else node.config
+    cache = config.stash.setdefault(_PARSED, {})
+    values = []
+    for mark in node.iter_markers(name):
+        entry = cache.get(id(mark))
+        if entry is None or entry[0] is not mark:
+            entry = cache[id(mark)] = (mark, parse_mark(mark, node.nodeid))
+        values.append(entry[1])
+    return values
+
+
+def closest_mark(node: Any, name: str) -> Any:
+    """The parsed arguments of the closest ``name`` marker, or None when there is none."""
+    mark = node.get_closest_marker(name)
+    return parsed_marks(node, name)[0] if mark is not None else None
 
 
 def parse_mark(mark: Any, where: str) -> Any:

@@ -89,12 +89,12 @@ class DistPlugin:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         """``requires_world_size`` and ``tp`` cells: skip (or fail in strict mode) with the reason."""
-        from pytest_llmload._internal.config.marks import parse_mark
+        from pytest_llmload._internal.config.marks import parsed_marks
 
         reasons: list[str] = []
         try:
-            for mark in item.iter_markers("requires_world_size"):
-                reasons += world_size_reasons(self.world, parse_mark(mark, item.nodeid))
+            for n in parsed_marks(item, "requires_world_size"):
+                reasons += world_size_reasons(self.world, n)
         except LLMLoadUsageError as exc:
             raise pytest.fail.Exception(str(exc), pytrace=False) from None
         callspec = getattr(item, "callspec", None)

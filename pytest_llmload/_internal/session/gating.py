@@ -11,7 +11,7 @@ import os
 import pytest
 
 from pytest_llmload.errors import LLMLoadError, LLMLoadUsageError
-from pytest_llmload._internal.config.marks import parse_mark
+from pytest_llmload._internal.config.marks import parsed_marks
 from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS, LLMSpec, unique
 
 
@@ -119,17 +119,14 @@ class Gate:
         """Hardware markers: skip (or fail in GPU CI mode) with what was needed and what was found."""
         from pytest_llmload._internal.hardware import bitsandbytes_reasons, gpu_reasons
 
-        gpu_marks = list(item.iter_markers("requires_gpus"))
         bnb_mark = item.get_closest_marker("requires_bitsandbytes")
-        if not gpu_marks and bnb_mark is None:
+        if item.get_closest_marker("requires_gpus") is None and bnb_mark is None:
             return
         reasons: list[str] = []
         try:
-            for mark in gpu_marks:
-                n, memory = parse_mark(mark, item.nodeid)
+            for n, memory in parsed_marks(item, "requires_gpus"):
                 reasons += gpu_reasons(self.gpus, n, memory)
-            if bnb_mark is not None:
-                parse_mark(bnb_mark, item.nodeid)
+            parsed_marks(item, "requires_bitsandbytes")
         except LLMLoadUsageError as exc:
             raise pytest.fail.Exception(str(exc), pytrace=False) from None
         if reasons and self.worker_note:

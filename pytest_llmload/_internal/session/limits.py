@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.config.marks import parse_mark
+from pytest_llmload._internal.config.marks import closest_mark
 from pytest_llmload._internal.config.numbers import format_size
 
 _TRACKER = pytest.StashKey[object]()
@@ -35,10 +35,9 @@ class GpuPeakLimit:
         self.max_peak = max_peak
 
     def _limit(self, item: pytest.Item):
-        mark = item.get_closest_marker("limit_gpu_memory")
-        if mark is not None:
+        if item.get_closest_marker("limit_gpu_memory") is not None:
             try:
-                size, device, kind = parse_mark(mark, item.nodeid)
+                size, device, kind = closest_mark(item, "limit_gpu_memory")
             except LLMLoadUsageError as exc:
                 raise pytest.fail.Exception(str(exc), pytrace=False) from None
             return size, device, kind, "limit_gpu_memory"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.config.marks import MARKERS, parse_mark
+from pytest_llmload._internal.config.marks import MARKERS, parsed_marks
 from pytest_llmload._internal.config.specs import LLMSpec, make_spec
 
 
@@ -51,12 +51,12 @@ class Matrix:
         """Check this plugin's markers once, at collection, and parametrize llm tests over their matrix."""
         axes = None
         try:
-            for mark in metafunc.definition.iter_markers():
-                if mark.name in MARKERS:
-                    parsed = parse_mark(mark, metafunc.definition.nodeid)
-                    self.on_need(mark.name)
-                    if mark.name == "llm" and axes is None:
-                        axes = parsed  # the closest llm marker wins
+            for name in MARKERS:  # each marker parsed once; the checks at setup read the same values
+                parsed = parsed_marks(metafunc.definition, name, metafunc.config)
+                if parsed:
+                    self.on_need(name)
+                if name == "llm" and parsed:
+                    axes = parsed[0]  # the closest llm marker wins
         except LLMLoadUsageError as exc:
             raise pytest.fail.Exception(str(exc), pytrace=False) from None
         if "llm_spec" not in metafunc.fixturenames:

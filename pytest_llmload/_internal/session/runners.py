@@ -74,7 +74,7 @@ class CoverageEvaluator:
         """``(run|skip|fail, reason)``; ``fail`` is what fails on every runner (bad markers, broken maps)."""
         from pytest_llmload._internal.distributed import launched_world, tp_reasons, world_size_reasons
         from pytest_llmload._internal.hardware import bitsandbytes_reasons, cell_reasons, gpu_reasons
-        from pytest_llmload._internal.config.marks import MARKERS, parse_mark
+        from pytest_llmload._internal.config.marks import MARKERS, parsed_marks
         from pytest_llmload._internal.session.matrix import item_spec
         from pytest_llmload._internal.config.specs import unique
 
@@ -83,7 +83,7 @@ class CoverageEvaluator:
         inventory = self._inventories[runner]
         reasons: list[str] = []
         try:
-            parsed = [(m.name, parse_mark(m, item.nodeid)) for m in item.iter_markers() if m.name in MARKERS]
+            parsed = [(name, value) for name in MARKERS for value in parsed_marks(item, name)]
         except LLMLoadUsageError as exc:
             return FAIL, str(exc)
         for name, value in parsed:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.config.marks import parse_mark
+from pytest_llmload._internal.config.marks import closest_mark
 from pytest_llmload._internal.config.options import Options, parse_options, reclaim_positional
 from pytest_llmload._internal.config.specs import LLMSpec
 
@@ -177,7 +177,7 @@ class LLMLoadSession:
         from pytest_llmload.assertions import assert_memory_footprint
 
         try:
-            limit = parse_mark(mark, item.nodeid)
+            limit = closest_mark(item, "max_footprint")
         except LLMLoadUsageError as exc:
             raise pytest.fail.Exception(str(exc), pytrace=False) from None
         funcargs = getattr(item, "funcargs", {})
