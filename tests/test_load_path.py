@@ -52,3 +52,22 @@ def test_a_need_planned_while_a_card_was_busy_is_planned_again_before_a_skip():
         busy = torch.empty(500 * KiB, dtype=torch.uint8, device="cuda:1")
         assert checker.reasons(spec, cache, inventory) == []  # fits on cuda:0 now: no skip
         del busy
+
+
+def test_a_cells_placement_is_worked_out_once_and_read_by_the_gate_the_cache_and_the_load(pytester):
+    """The quantized-map problem and the offload need were evaluated in the gate, the cache and the load
+    call, each on its own (issue 23); now one cached value per cell."""
+    from pytest_llmload._internal.loading.placement import placement
+
+    placement.cache_clear()
+    pytester.makepyfile("""
+        def test_a(llm_model):
+            assert llm_model is not None
+
+        def test_b(llm_model):
+            assert llm_model is not None
+    """)
+    result = pytester.runpytest_inprocess("-p", "no:randomly", "--llm-device-map=cpu", "--llm-model=builtin:tiny-gpt2")
+    result.assert_outcomes(passed=2)
+    info = placement.cache_info()
+    assert info.misses == 1 and info.hits >= 3, info  # one cell: computed once, read by gate x2, cache, load

@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 from pytest_llmload.errors import LLMLoadError, ModelLoadError
 from pytest_llmload._internal.loading.call import LoadCall, prepare_load, release_memory
 from pytest_llmload._internal.loading.files import load_config, load_tokenizer
-from pytest_llmload._internal.loading.placement import needs_offload_folder
+from pytest_llmload._internal.loading.placement import cell_placement
 from pytest_llmload._internal.config.specs import LLMSpec
 
 
@@ -144,7 +144,7 @@ class ModelCache:
                 allow_pickle=allow_pickle,
                 hub_kernels=hub_kernels,
                 config=config,
-                offload_parent=self.offload_root() if needs_offload_folder(spec.device_map, spec.max_memory)
+                offload_parent=self.offload_root() if cell_placement(spec).needs_offload
                 else None,
                 **call,
             )

@@ -26,14 +26,7 @@ from pytest_llmload._internal.loading.files import (
     model_class_for,
     resolve_source,
 )
-from pytest_llmload._internal.loading.placement import (
-    ACCELERATOR_FREE,
-    map_devices,
-    needs_offload_folder,
-    quantized_map_problem,
-    resolve_device_map,
-    virtual_gpus_running,
-)
+from pytest_llmload._internal.loading.placement import placement, resolve_device_map, virtual_gpus_running
 from pytest_llmload.errors import LLMLoadUsageError, ModelLoadError
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -144,7 +137,8 @@ def prepare_load(
     if tensor_parallel:
         map_spec = None  # transformers places the shards: tp and a device_map are mutually exclusive
     resolved_map = resolve_device_map(map_spec) if map_spec is not None else None
-    problem = quantized_map_problem(precision, resolved_map)
+    where = placement(precision, map_spec, tuple(sorted(budget.items(), key=lambda kv: str(kv[0]))) if budget else None)
+    problem = where.quantized_problem(precision)
     if problem and kwargs.get("quantization_config") is None:
         raise LLMLoadUsageError(problem)
 
@@ -192,9 +186,8 @@ def prepare_load(
         except ImportError:
             pass  # transformers says what is missing
     if precision in QUANTIZED_PRECISIONS and kwargs.get("quantization_config") is None:
-        devices = map_devices(resolved_map)
         overrides = {}
-        if devices & {"cpu", "disk"} and devices - ACCELERATOR_FREE:
+        if where.fp32_offload:
             overrides["llm_int8_enable_fp32_cpu_offload"] = True
             notes.append("fp32-cpu-offload: modules on cpu/disk stay in fp32")
         call["quantization_config"] = quantization_config_for(precision, **overrides)
@@ -207,7 +200,7 @@ def prepare_load(
         call["use_kernels"] = False
 
     remove = None
-    if "offload_folder" not in call and needs_offload_folder(call.get("device_map"), call.get("max_memory")):
+    if "offload_folder" not in call and where.needs_offload:
         if offload_parent is not None:
             import tempfile
 

@@ -3,7 +3,9 @@ may spill to disk, and why a bitsandbytes precision cannot honour it."""
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS, DeviceMapSpec
@@ -35,26 +37,66 @@ def map_devices(device_map: Any) -> set:
     return set(device_map.values()) if isinstance(device_map, dict) else set()
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a cell's load puts its modules, worked out once per (precision, map, budget) in the process:
+    the gate, the load call, the cache and the runners all read this one value."""
+
+    device_map: Any  # what the user asked for (``process`` is resolved per process, at the load)
+    devices: frozenset
+    needs_offload: bool
+    fp32_offload: bool  # a bitsandbytes load keeps its cpu/disk modules in fp32
+    bitsandbytes_problem: str | None  # a bitsandbytes precision on a map of only cpu and disk
+
+    def quantized_problem(self, precision: str) -> str | None:
+        """Why a bitsandbytes ``precision`` cannot honour this map here, or None (the virtual-fleet part is
+        asked now: a fleet may start and stop between two tests)."""
+        if self.bitsandbytes_problem:
+            return self.bitsandbytes_problem
+        if precision in QUANTIZED_PRECISIONS and _on_virtual_gpus(self.device_map, set(self.devices)):
+            return (
+                f"{precision} does not run on virtual GPUs (bitsandbytes' parameter classes cannot hold a virtual "
+                "card's tensor); use device_map 'cpu' for bitsandbytes' CPU backend, or a real GPU"
+            )
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def placement(precision: str, map_spec: DeviceMapSpec | None, max_memory: tuple | None) -> Placement:
+    """The :class:`Placement` of a load (cached: a cell's is computed once)."""
+    device_map = map_spec.as_user_value() if map_spec is not None and map_spec.kind != "tp" else (
+        "tp" if map_spec is not None else None)
+    devices = frozenset(map_devices(device_map))
+    problem = None
+    if precision in QUANTIZED_PRECISIONS and "disk" in devices and not (devices - ACCELERATOR_FREE):
+        problem = (
+            f"{precision} on a map of only cpu and disk would keep every module in fp32 "
+            "(bitsandbytes' llm_int8_enable_fp32_cpu_offload), so nothing would be quantized; "
+            "use device_map 'cpu' for quantized loads without a GPU"
+        )
+    # a process map is one device of this process (resolved at the load): nothing spills
+    spills = needs_offload_folder(device_map, max_memory) and not (map_spec is not None and map_spec.kind == "process")
+    return Placement(device_map, devices, spills,
+                     bool(devices & {"cpu", "disk"} and devices - ACCELERATOR_FREE), problem)
+
+
+def cell_placement(spec: Any) -> Placement:
+    """The placement of a matrix cell (an ``LLMSpec``)."""
+    return placement(spec.precision, spec.device_map_spec, spec.max_memory)
+
+
 def quantized_map_problem(precision: str, device_map: Any) -> str | None:
-    """Why a bitsandbytes precision cannot honour ``device_map`` as asked, or None.
+    """Why a bitsandbytes precision cannot honour ``device_map`` (a value as ``from_pretrained`` gets it) as
+    asked, or None.
 
     bitsandbytes keeps modules placed on cpu/disk in fp32 when other modules are on a GPU
     (``llm_int8_enable_fp32_cpu_offload``). Without any GPU in the map that would leave nothing
     quantized, so such a cell is refused rather than silently loaded as a float model.
     """
-    devices = map_devices(device_map)
-    if precision in QUANTIZED_PRECISIONS and "disk" in devices and not (devices - ACCELERATOR_FREE):
-        return (
-            f"{precision} on a map of only cpu and disk would keep every module in fp32 "
-            "(bitsandbytes' llm_int8_enable_fp32_cpu_offload), so nothing would be quantized; "
-            "use device_map 'cpu' for quantized loads without a GPU"
-        )
-    if precision in QUANTIZED_PRECISIONS and _on_virtual_gpus(device_map, devices):
-        return (
-            f"{precision} does not run on virtual GPUs (bitsandbytes' parameter classes cannot hold a virtual "
-            "card's tensor); use device_map 'cpu' for bitsandbytes' CPU backend, or a real GPU"
-        )
-    return None
+    from pytest_llmload._internal.config.specs import parse_device_map
+
+    map_spec = None if device_map is None else parse_device_map(device_map)
+    return placement(precision, map_spec, None).quantized_problem(precision)
 
 
 def virtual_gpus_running() -> bool:

@@ -82,9 +82,9 @@ class Gate:
         """Skip (or fail in strict mode) a cell that cannot run here, before anything loads; fail a cell
         whose custom map does not fit the model."""
         from pytest_llmload._internal.hardware import cell_reasons
-        from pytest_llmload._internal.loading.placement import quantized_map_problem
+        from pytest_llmload._internal.loading.placement import cell_placement
 
-        problem = quantized_map_problem(spec.precision, spec.device_map)
+        problem = cell_placement(spec).quantized_problem(spec.precision)
         if problem and not own_quantization:
             raise pytest.skip.Exception(problem, _use_item_location=True)
         reasons = cell_reasons(spec, self.inventory if spec.precision in QUANTIZED_PRECISIONS else self.gpus)

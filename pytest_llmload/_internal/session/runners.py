@@ -102,9 +102,9 @@ class CoverageEvaluator:
                 reasons += world_size_reasons(world, value)
         spec = item_spec(item)
         if spec is not None:
-            from pytest_llmload._internal.loading.placement import quantized_map_problem
+            from pytest_llmload._internal.loading.placement import cell_placement
 
-            problem = quantized_map_problem(spec.precision, spec.device_map)
+            problem = cell_placement(spec).quantized_problem(spec.precision)
             if problem:
                 reasons.append(problem)
             reasons += cell_reasons(spec, inventory)
