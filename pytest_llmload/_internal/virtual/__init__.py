@@ -50,17 +50,18 @@ class _Runtime:
             import transformers  # noqa: F401 - its modules the fleet patches are checked in patch_targets
         # import_module, not "from . import": after a sys.modules restore (pytester) the package may still
         # hold an older submodule as an attribute, while the submodules import each other afresh.
-        cuda = importlib.import_module(f"{__name__}.cuda")
+        patches = importlib.import_module(f"{__name__}.patches")
         tensor = importlib.import_module(f"{__name__}.tensor")
         VirtualDeviceMode = importlib.import_module(f"{__name__}.mode").VirtualDeviceMode
 
         self.fleet = Fleet(cards)
+        self.fleet.mode_class = VirtualDeviceMode  # what a backward pushes again (virtual/ops.py)
         self.tensor_module = tensor
         self.mode = VirtualDeviceMode(self.fleet)
         self.saved: list[tuple[Any, str, Any, bool]] = []
         self.prior_default = torch.device("cpu")
         try:
-            for obj, name, value in cuda.patch_targets(self.fleet, lambda: VirtualDeviceMode(self.fleet)):
+            for obj, name, value in patches.patch_targets(self.fleet, lambda: VirtualDeviceMode(self.fleet)):
                 had = name in vars(obj) if isinstance(obj, type) else hasattr(obj, name)
                 self.saved.append((obj, name, getattr(obj, name, None), had))
                 setattr(obj, name, value)
