@@ -15,9 +15,10 @@ import warnings
 import torch
 
 from pytest_llmload import load_model
-from pytest_llmload._internal.planning.training_memory import estimate_training_memory
-from pytest_llmload._internal.planning.measure import saved_activation_bytes, track_memory
-from pytest_llmload._internal.config.numbers import format_size
+from pytest_llmload import estimate_training_memory
+from pytest_llmload import track_memory
+from pytest_llmload._internal.planning.measure import saved_activation_bytes
+from pytest_llmload import format_size
 
 
 def row(name: str, checkpointing: bool, batch: int, seq: int) -> list[str]:

@@ -96,7 +96,8 @@ def write_checkpoint(bench) -> Path:
     code = textwrap.dedent(f"""
         import torch, sys
         from transformers import GPT2Config, GPT2LMHeadModel
-        from pytest_llmload._internal.loading.builtins import BUILTIN_MODELS, build_tokenizer
+        from pytest_llmload import BUILTIN_MODELS
+        from pytest_llmload._internal.loading.builtins import build_tokenizer
         quick = {bench.args.quick!r}
         config = GPT2Config(n_embd=64 if quick else 768, n_layer=2 if quick else 12, n_head=4 if quick else 12,
                             vocab_size=320 if quick else 50257, n_positions=256 if quick else 1024)
@@ -138,8 +139,8 @@ warnings.filterwarnings("ignore")
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from pytest_llmload import load_model
-from pytest_llmload._internal.loading.cache import ModelCache
-from pytest_llmload._internal.config.specs import make_spec
+from pytest_llmload import ModelCache
+from pytest_llmload import make_spec
 path, precision, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3])
 kwargs = {"dtype": torch.float32} if precision == "fp32" else {
     "quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": "cpu"}

@@ -30,7 +30,8 @@ _EXPORTS = {
     "LLMSpec": "_internal.config.specs",
     "make_spec": "_internal.config.specs",
     "PRECISIONS": "_internal.config.specs",
-    "STRATEGIES": "_internal.config.specs",
+    "DEVICE_MAP_STRATEGIES": "_internal.config.specs",
+    "STRATEGIES": "_internal.config.specs",  # the same tuple, by its older name
     "BUILTIN_MODELS": "_internal.loading.builtins",
     "builtin_path": "_internal.loading.builtins",
     "ModelCache": "_internal.loading.cache",

@@ -132,7 +132,7 @@ def _targets(text: str) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pytest_llmload._internal.config.specs import STRATEGIES
+    from pytest_llmload._internal.config.specs import DEVICE_MAP_STRATEGIES
 
     parser = _Parser(prog="llmload", description=__doc__, epilog=_EPILOG, formatter_class=_TopFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="the GPUs to plan for and the free memory of each, e.g. 4x24GiB or 24GiB,48GiB "
                            "(default: the GPUs of this machine, or none when only --cpu-memory is given); "
                            "with --max-memory it says which GPUs exist and their sizes")
-    plan.add_argument("--strategy", default="auto", choices=STRATEGIES, help="the device_map strategy")
+    plan.add_argument("--strategy", default="auto", choices=DEVICE_MAP_STRATEGIES, help="the device_map strategy")
     plan.add_argument("--precision", default="auto", type=_checked(_precision), help=precisions)
     plan.add_argument("--max-memory", type=_checked(_max_memory), metavar="BUDGETS",
                       help="budgets as from_pretrained takes them, e.g. 0=20GiB,1=20GiB,cpu=64GiB "

@@ -88,7 +88,7 @@ def pytest_sessionstart(session):
         importlib.import_module(f"pytest_llmload._internal.{module}")
 
     from pytest_llmload import load_model, load_tokenizer
-    from pytest_llmload._internal.loading.builtins import BUILTIN_MODELS
+    from pytest_llmload import BUILTIN_MODELS
 
     import warnings
 

@@ -23,7 +23,7 @@ from pytest_llmload import (
     prepare_model_for_int8_training,
     validate_device_map,
 )
-from pytest_llmload._internal.loading.builtins import builtin_path
+from pytest_llmload import builtin_path
 
 from maps import GPT2_CPU_DISK
 

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from pytest_llmload._internal.loading.builtins import BUILTIN_MODELS, MANIFEST, builtin_path
+from pytest_llmload import BUILTIN_MODELS, builtin_path
+from pytest_llmload._internal.loading.builtins import MANIFEST
 
 
 def _digest(path):
@@ -61,7 +62,7 @@ def test_no_staging_folders_are_left(fresh_cache):
 
 def _build(cache_dir):
     os.environ["LLMLOAD_CACHE_DIR"] = cache_dir
-    from pytest_llmload._internal.loading.builtins import builtin_path
+    from pytest_llmload import builtin_path
 
     return str(builtin_path("tiny-gpt2"))
 
@@ -79,7 +80,7 @@ def test_concurrent_builds_end_with_one_sound_copy(fresh_cache):
 
 
 def test_start_up_knows_every_built_in_by_name():
-    from pytest_llmload._internal.loading.builtins import BUILTIN_MODELS
+    from pytest_llmload import BUILTIN_MODELS
     from pytest_llmload._internal.config.specs import BUILTIN_NAMES
 
     assert tuple(BUILTIN_MODELS) == BUILTIN_NAMES

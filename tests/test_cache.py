@@ -7,9 +7,9 @@ import weakref
 
 import pytest
 
-from pytest_llmload._internal.loading.cache import ModelCache
+from pytest_llmload import ModelCache
 from pytest_llmload.errors import ModelLoadError
-from pytest_llmload._internal.config.specs import make_spec
+from pytest_llmload import make_spec
 
 
 def test_distinct_cells_load_once_and_hits_reuse():

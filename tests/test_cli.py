@@ -12,11 +12,11 @@ import textwrap
 import pytest
 
 from pytest_llmload import load_model
-from pytest_llmload._internal.loading.builtins import builtin_path
+from pytest_llmload import builtin_path
 from pytest_llmload.cli import main
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.planning.training_memory import estimate_training_memory
-from pytest_llmload._internal.planning.planner import parse_fleet, plan_device_map
+from pytest_llmload import estimate_training_memory
+from pytest_llmload import parse_fleet, plan_device_map
 
 
 def run_cli(capsys, *argv):

@@ -424,7 +424,8 @@ def test_builtin_checkpoints_written_on_a_rank_other_than_0_are_whole(tmp_path, 
     rank builds its own staging copy of a built-in checkpoint, so each must write all of it."""
     import transformers.distributed.mixin as mixin
 
-    from pytest_llmload._internal.loading.builtins import BUILTIN_MODELS, MANIFEST, _is_complete, _write_checkpoint
+    from pytest_llmload import BUILTIN_MODELS
+    from pytest_llmload._internal.loading.builtins import MANIFEST, _is_complete, _write_checkpoint
 
     monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
     monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_llmload._internal.planning.fit_check import bytes_per_device, fit_problems
-from pytest_llmload._internal.config.specs import make_spec
+from pytest_llmload import make_spec
 
 GiB = 2**30
 
@@ -82,7 +82,7 @@ def test_cheap_bound_is_an_upper_bound_of_the_real_footprint(name, precision):
 def test_cheap_bound_gives_up_on_damaged_files_and_hub_ids(tmp_path):
     import shutil
 
-    from pytest_llmload._internal.loading.builtins import builtin_path
+    from pytest_llmload import builtin_path
     from pytest_llmload._internal.planning.fit_check import weights_upper_bound
 
     assert weights_upper_bound(make_spec("org/model", "auto", "fp16")) is None

@@ -8,8 +8,8 @@ import torch
 
 from pytest_llmload import effective_device_map, load_model
 from pytest_llmload._internal.planning.fit_check import measure_cuda_context
-from pytest_llmload._internal.hardware import probe_inventory
-from pytest_llmload._internal.planning.planner import plan_device_map
+from pytest_llmload import probe_inventory
+from pytest_llmload import plan_device_map
 
 
 @pytest.mark.requires_gpus(1)

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from pytest_llmload._internal import hardware
-from pytest_llmload._internal.hardware import GPU
+from pytest_llmload import GPU
 from pytest_llmload._internal.hardware import sources
 
 GiB = 2**30

@@ -7,17 +7,10 @@ import os
 import pytest
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.hardware import (
-    GPU,
-    Inventory,
-    bitsandbytes_reasons,
-    cell_reasons,
-    gpu_reasons,
-    worker_gpus,
-    worker_index,
-)
+from pytest_llmload import GPU, Inventory, cell_reasons, gpu_reasons
+from pytest_llmload._internal.hardware import bitsandbytes_reasons, worker_gpus, worker_index
 from pytest_llmload._internal.config.marks import parse_mark
-from pytest_llmload._internal.config.specs import make_spec
+from pytest_llmload import make_spec
 
 GiB = 2**30
 BNB_OK = dict(bitsandbytes_version="0.50.2", bitsandbytes_backend="cuda")

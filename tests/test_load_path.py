@@ -9,11 +9,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 from pytest_llmload import load_model, virtual_gpus
-from pytest_llmload._internal.loading.cache import ModelCache
+from pytest_llmload import ModelCache
 from pytest_llmload.errors import ModelLoadError
 from pytest_llmload._internal.planning.fit_check import FitChecker
-from pytest_llmload._internal.hardware.sources import probe_inventory
-from pytest_llmload._internal.config.specs import make_spec
+from pytest_llmload import probe_inventory
+from pytest_llmload import make_spec
 
 KiB = 1024
 

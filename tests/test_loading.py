@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pytest_llmload import effective_device_map, load_model, load_tokenizer
-from pytest_llmload._internal.loading.builtins import builtin_path
+from pytest_llmload import builtin_path
 from pytest_llmload.errors import LLMLoadUsageError, ModelLoadError
 from pytest_llmload import prepare_load
 

@@ -10,8 +10,10 @@ import torch
 from pytest_llmload import load_model
 from pytest_llmload.cli import main
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.planning.training_memory import ACTIVATION_TOLERANCE, estimate_training_memory
-from pytest_llmload._internal.planning.measure import saved_activation_bytes, track_memory
+from pytest_llmload import estimate_training_memory
+from pytest_llmload._internal.planning.training_memory import ACTIVATION_TOLERANCE
+from pytest_llmload import track_memory
+from pytest_llmload._internal.planning.measure import saved_activation_bytes
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pytest_llmload._internal.loading.builtins import builtin_path
+from pytest_llmload import builtin_path
 from pytest_llmload._internal.config.options import OPTIONS
 
 

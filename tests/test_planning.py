@@ -9,7 +9,7 @@ import pytest
 from pytest_llmload import effective_device_map, load_model, plan_device_map, validate_device_map
 from pytest_llmload.cli import main
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.planning.planner import parse_fleet
+from pytest_llmload import parse_fleet
 
 STRATEGIES = ["auto", "balanced", "balanced_low_0", "sequential"]
 CPU_BUDGETS = ["150KiB", "300KiB", "500KiB", "1MiB"]

@@ -132,7 +132,7 @@ def test_bad_json_file_is_named(pytester):
 def test_load_error_is_a_clean_test_failure(pytester, tmp_path):
     import shutil
 
-    from pytest_llmload._internal.loading.builtins import builtin_path
+    from pytest_llmload import builtin_path
 
     broken = tmp_path / "no-weights"
     shutil.copytree(builtin_path("tiny-gpt2"), broken)

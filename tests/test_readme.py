@@ -30,3 +30,28 @@ def test_every_readme_test_example_runs_as_written(pytester):
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()
     assert outcomes.get("passed", 0) >= len(blocks) - 1  # the 2-GPU example skips here
+
+
+def test_the_layout_section_names_every_package_and_module_of_the_tree():
+    """README's "How the code is laid out" and the tree agree (issue 23)."""
+    import pathlib
+    import re
+
+    import pytest_llmload
+
+    root = pathlib.Path(pytest_llmload.__file__).parent
+    section = README.read_text(encoding="utf-8").split("## How the code is laid out", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([\w/]+(?:\.py)?/?)`", section))
+    missing = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if path.name == "__init__.py" and relative.parent != pathlib.Path("."):
+            package = relative.parts[-2] + "/"
+            if package not in named:
+                missing.append(str(relative.parent) + "/")
+        elif path.name != "__init__.py" and path.name not in named:
+            missing.append(str(relative))
+    assert not missing, f"README's layout section does not name: {missing}"
+    for name in named:
+        if name.endswith("/"):
+            assert list(root.rglob(name.rstrip("/"))), f"README names {name}, which is not in the tree"

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from pytest_llmload import load_model, load_tokenizer
-from pytest_llmload._internal.loading.builtins import builtin_path
-from pytest_llmload._internal.loading.cache import ModelCache
+from pytest_llmload import builtin_path
+from pytest_llmload import ModelCache
 from pytest_llmload.errors import ModelLoadError
 from pytest_llmload._internal.loading.ownership import (
     SESSION_PREFIX,
@@ -26,7 +26,7 @@ from pytest_llmload._internal.loading.ownership import (
     sweep_dead_sessions,
     sweep_dead_staging,
 )
-from pytest_llmload._internal.config.specs import make_spec
+from pytest_llmload import make_spec
 
 from maps import GPT2_CPU_DISK
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from pytest_llmload import load_model, load_tokenizer
-from pytest_llmload._internal.loading.builtins import builtin_path
+from pytest_llmload import builtin_path
 from pytest_llmload.errors import LLMLoadError, ModelLoadError
 from pytest_llmload._internal.planning.fit_check import weights_upper_bound
 from pytest_llmload._internal.loading.ownership import (
@@ -29,7 +29,7 @@ from pytest_llmload._internal.loading.ownership import (
     sweep_dead_sessions,
     sweep_dead_staging,
 )
-from pytest_llmload._internal.config.specs import make_spec
+from pytest_llmload import make_spec
 
 from maps import GPT2_CPU_DISK
 
@@ -546,7 +546,7 @@ def test_private_copies_remove_their_offload_folders_at_teardown(pytester, isola
 def test_private_load_removes_its_offload_folder_when_collected(isolated_tmp):
     import gc
 
-    from pytest_llmload._internal.loading.cache import ModelCache
+    from pytest_llmload import ModelCache
 
     cache = ModelCache(max_models=1)
     spec = make_spec("builtin:tiny-gpt2", GPT2_CPU_DISK, "fp32")

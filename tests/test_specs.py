@@ -7,9 +7,9 @@ import json
 import pytest
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.config.numbers import format_size, parse_size
+from pytest_llmload import format_size, parse_size
+from pytest_llmload import make_spec
 from pytest_llmload._internal.config.specs import (
-    make_spec,
     parse_device_map,
     parse_max_memory,
     parse_model,

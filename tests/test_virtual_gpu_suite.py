@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pytest_llmload import effective_device_map, load_model, virtual_gpus
-from pytest_llmload._internal.hardware import probe_inventory
-from pytest_llmload._internal.planning.planner import plan_device_map
+from pytest_llmload import probe_inventory
+from pytest_llmload import plan_device_map
 
 
 @pytest.mark.parametrize("spec", ["2x64MiB", "4x64MiB@9.0", "64MiB,32MiB"])

@@ -21,7 +21,7 @@ def test_session_fleet_header_inventory_and_requires_gpus(pytester):
     pytester.makepyfile(
         """
         import pytest, torch
-        from pytest_llmload._internal.hardware import probe_inventory
+        from pytest_llmload import probe_inventory
 
         def test_cuda_is_the_fleet():
             assert torch.cuda.device_count() == 2

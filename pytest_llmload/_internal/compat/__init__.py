@@ -1,7 +1,7 @@
 """What pytest-llmload knows about its dependencies' versions, in one place: one module per dependency.
 
 Every use of a version-specific or private API of torch, transformers, accelerate, bitsandbytes or peft
-goes through ``_compat.<dependency>``. What is needed is detected (is the internal there, does the
+goes through ``compat.<dependency>``. What is needed is detected (is the internal there, does the
 function take that argument), not inferred from a version number; where an internal is missing the
 caller gets one line that names it, the version found and the versions CI tested (:data:`TESTED`).
 

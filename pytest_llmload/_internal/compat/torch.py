@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pytest_llmload._internal.compat import exists, missing_internal
 
-# Every private torch name the fleet (virtual/mode.py, tensor.py, cuda.py) uses. Checked when a fleet
+# Every private torch name the fleet (virtual/mode.py, ops.py, moves.py, backward.py, tensor.py, cuda.py, patches.py) uses. Checked when a fleet
 # starts, before those modules import; a missing one is one line naming it.
 FLEET_INTERNALS = (
     "torch._C.DisableTorchFunction",

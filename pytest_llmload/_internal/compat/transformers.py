@@ -17,7 +17,7 @@ from pytest_llmload._internal.compat import installed, missing_internal, resolve
 # from_pretrained gets use_kernels=False (or USE_HUB_KERNELS says no); earlier 5.x default to False.
 HUB_KERNELS_DEFAULT_ON_SINCE = (5, 25)
 
-# (module, attribute) the virtual fleet replaces while it runs (virtual/cuda.py says why).
+# (module, attribute) the virtual fleet replaces while it runs (virtual/patches.py says why).
 FLEET_PATCHES = (
     ("transformers.modeling_utils", "caching_allocator_warmup"),
     ("transformers.core_model_loading", "_materialize_copy"),
@@ -212,7 +212,7 @@ def enable_activation_checkpointing(model: Any, *, use_reentrant: bool | None = 
     getattr(model, name)(**kwargs)
 
 
-# the logger transformers' device-map planning writes its budgets to (plan_notes reads them)
+# the logger transformers' device-map planning writes its budgets to (planning/reasons.py reads them)
 PLANNING_LOGGER = "transformers.integrations.accelerate"
 
 

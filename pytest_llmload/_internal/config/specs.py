@@ -18,7 +18,8 @@ from pytest_llmload._internal.config.numbers import is_whole_number, parse_count
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "fp4")
 QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
 _PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "4bit": "nf4", "8bit": "int8"}
-STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+STRATEGIES = DEVICE_MAP_STRATEGIES  # public older name (pytest_llmload.STRATEGIES); not the hypothesis strategies
 DEVICE_MAP_ACCEPTED = (
     "auto, balanced, balanced_low_0, sequential, cpu, cuda, cuda:N, N, disk, process, tp, "
     "a JSON object such as '{\"\": 0}' or @file.json"
@@ -174,7 +175,7 @@ def parse_device_map(value: Any, *, base: str | os.PathLike | None = None) -> De
     if not isinstance(value, str) or not value.strip():
         raise LLMLoadUsageError(f"invalid device map {value!r}: expected {DEVICE_MAP_ACCEPTED}")
     text = value.strip()
-    if text in STRATEGIES:
+    if text in DEVICE_MAP_STRATEGIES:
         return DeviceMapSpec("strategy", text, text)
     if text == "process":
         return DeviceMapSpec("process", "process", "process")

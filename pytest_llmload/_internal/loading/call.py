@@ -58,7 +58,7 @@ class LoadCall:
     notes: list[str] = field(default_factory=list)
     offload_folder: str | None = None
     allow_pickle: bool = False
-    kernels: Any = None  # the _compat.transformers.KernelPlan of this load
+    kernels: Any = None  # the compat.transformers.KernelPlan of this load
     _remove_folder: Any = field(default=None, repr=False)
     _finalizer: Any = field(default=None, repr=False)
 

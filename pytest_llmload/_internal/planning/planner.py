@@ -19,7 +19,7 @@ from pytest_llmload._internal.planning.devices import device_label, device_order
 from pytest_llmload._internal.planning.reasons import ISSUE_4297
 from pytest_llmload.errors import LLMLoadError, LLMLoadUsageError
 from pytest_llmload._internal.config.numbers import MAX_CARDS, card_sizes, format_size, parse_cards, parse_size
-from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS, STRATEGIES, parse_max_memory, parse_precision
+from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS, DEVICE_MAP_STRATEGIES, parse_max_memory, parse_precision
 
 # Limits that keep a plan from running for minutes on an absurd input (a plan of a real model takes
 # well under a second): GPUs in a fleet, layers per stack and experts per layer built on the meta device.
@@ -303,8 +303,8 @@ def plan_device_map(
         unused_gpu_notes,
     )
 
-    if strategy not in STRATEGIES:
-        raise LLMLoadUsageError(f"invalid strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if strategy not in DEVICE_MAP_STRATEGIES:
+        raise LLMLoadUsageError(f"invalid strategy {strategy!r}: expected one of {', '.join(DEVICE_MAP_STRATEGIES)}")
     _get_device_map, compute_module_sizes, _, _ = _planning_functions()
     precision = parse_precision(precision or "auto")
     fleet = parse_fleet(gpus)

@@ -128,7 +128,7 @@ class Fleet:
     specs: list[CardSpec]
     cards: list[Card] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    default_device_mode: Any = None  # torch.set_default_device("cuda:N") inside the fleet (virtual/cuda.py)
+    default_device_mode: Any = None  # torch.set_default_device("cuda:N") inside the fleet (virtual/patches.py)
     mode_class: Any = None  # the fleet's torch-function mode class, set when it starts (virtual/__init__.py)
 
     def __post_init__(self) -> None:
