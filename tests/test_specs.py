@@ -164,3 +164,45 @@ def test_spec_ids_and_attributes():
     assert spec.id == "tiny-llama-sequential-int8"
     assert (spec.model, spec.device_map, spec.precision) == ("builtin:tiny-llama", "sequential", "int8")
     assert make_spec("builtin:tiny-gpt2", 0, "fp16").id == "tiny-gpt2-cuda0-fp16"
+
+
+@pytest.fixture
+def hostile_map_files(tmp_path):
+    import os
+
+    fifo = tmp_path / "map.fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    big.write_text("{" + " " * (5 * 2**20) + "}")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000)
+    return {"/dev/zero": "/dev/zero is a character device, not a regular file",
+            str(fifo): f"{fifo} is a FIFO, not a regular file",
+            str(big): f"invalid device map file {big}: more than 4194304 bytes",
+            str(deep): f"invalid device map file {deep}: nested 100000 levels deep (at most 64 accepted)",
+            str(tmp_path): f"{tmp_path} is a directory, not a regular file",
+            str(tmp_path / "nope.json"): f"{tmp_path / 'nope.json'} does not exist"}
+
+
+def test_a_map_file_is_read_with_the_bounds_of_a_checkpoint_file(hostile_map_files):
+    """@/dev/zero grew to 22 GB and a FIFO hung until killed (issue 24, item 1)."""
+    from pytest_llmload._internal.config.specs import parse_device_map
+
+    for path, message in hostile_map_files.items():
+        with pytest.raises(LLMLoadUsageError) as caught:
+            parse_device_map(f"@{path}")
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_hostile_map_files_are_one_line_in_pytest_and_the_cli(pytester, hostile_map_files):
+    import subprocess
+    import sys
+
+    pytester.makepyfile("def test_x():\n    pass\n")
+    for path, message in hostile_map_files.items():
+        result = pytester.runpytest_subprocess(f"--llm-device-map=@{path}", timeout=120)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        assert message in result.stderr.str() and "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+        cli = subprocess.run([sys.executable, "-m", "pytest_llmload", "validate", "builtin:tiny-llama", f"@{path}",
+                              "--gpus", "2"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert cli.returncode == 2 and message in cli.stderr and len(cli.stderr.strip().splitlines()) == 1, cli.stderr

@@ -18,6 +18,7 @@ from pytest_llmload._internal.config.numbers import is_whole_number, parse_count
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "fp4")
 QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
 _PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "4bit": "nf4", "8bit": "int8"}
+MAP_FILE_MAX_BYTES = 4 * 2**20  # a map of 100k modules is a few MB
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 STRATEGIES = DEVICE_MAP_STRATEGIES  # public older name (pytest_llmload.STRATEGIES); not the hypothesis strategies
 DEVICE_MAP_ACCEPTED = (
@@ -182,17 +183,31 @@ def parse_device_map(value: Any, *, base: str | os.PathLike | None = None) -> De
     if text == "tp":
         return DeviceMapSpec("tp", "tp", "tp")
     if text.startswith("@"):
+        # what checkpoint files get: a regular file only (a FIFO or /dev/stdin would block, /dev/zero never
+        # ends), at most MAP_FILE_MAX_BYTES, nesting bounded before parsing
+        from pytest_llmload._internal.loading.safety import DamagedFile, open_regular, parse_json
+
         path = _resolve_path(text[1:], base)
         try:
-            raw = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise LLMLoadUsageError(f"invalid device map {text!r}: cannot read {path} ({reason})") from None
+            with open_regular(path) as handle:
+                raw = handle.read(MAP_FILE_MAX_BYTES + 1)
+        except DamagedFile as exc:
+            raise LLMLoadUsageError(f"invalid device map {text!r}: {path} is {exc}".replace(" is missing",
+                                    " does not exist")) from None
+        except OSError as exc:
+            raise LLMLoadUsageError(f"invalid device map {text!r}: cannot read {path} "
+                                    f"({exc.strerror or exc})") from None
+        if len(raw) > MAP_FILE_MAX_BYTES:
+            raise LLMLoadUsageError(f"invalid device map file {path}: more than {MAP_FILE_MAX_BYTES} bytes (a "
+                                    "device map is a JSON object of module names and devices)")
         try:
-            mapping = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError) as exc:
+            mapping = json.loads(raw.decode("utf-8")) if parse_json(raw, parse=False) is None else None
+        except DamagedFile as exc:
+            raise LLMLoadUsageError(f"invalid device map file {path}: {exc}") from None
+        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as exc:
             where = f" ({exc.msg} at line {exc.lineno} column {exc.colno})" if isinstance(
-                exc, json.JSONDecodeError) else " (nested too deeply)"
+                exc, json.JSONDecodeError) else " (nested too deeply)" if isinstance(exc, RecursionError) else \
+                " (not UTF-8 text)"
             raise LLMLoadUsageError(f"invalid device map file {path}: not valid JSON{where}") from None
         mapping = check_device_map_dict(mapping, source=f"device map file {path}")
         return _custom(mapping, path.stem, source=str(path))
