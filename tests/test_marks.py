@@ -91,3 +91,24 @@ def test_each_marker_is_parsed_once_per_session(pytester, monkeypatch):
     result = pytester.runpytest_inprocess("-p", "no:randomly")
     result.assert_outcomes(skipped=3)
     assert sorted(calls) == ["limit_gpu_memory", "max_footprint", "requires_gpus"]
+
+
+@pytest.mark.parametrize("device, expected", [
+    ('"²"', "device='²': expected a GPU index such as 0 or 'cuda:0'"),
+    ('"٠"', "device='٠': expected a GPU index such as 0 or 'cuda:0'"),
+    ("7", "limit_gpu_memory(device=7): this process sees 2 GPU(s) (cuda:0 to cuda:1); no GPU 7"),
+    ('"cuda:7"', "limit_gpu_memory(device=7): this process sees 2 GPU(s) (cuda:0 to cuda:1); no GPU 7"),
+])
+def test_limit_gpu_memory_device_is_an_ascii_index_of_a_card_that_exists(pytester, device, expected):
+    """'²' failed collection with a traceback through marks.py, '٠' was card 0, device=7 on 2 cards passed."""
+    pytester.makepyfile(f"""
+        import pytest
+
+        @pytest.mark.limit_gpu_memory("1KiB", device={device})
+        def test_x():
+            pass
+    """)
+    result = pytester.runpytest_subprocess("--llm-virtual-gpus=2x64MiB")
+    result.assert_outcomes(errors=1)  # at collection (a bad index) or at setup (no such card)
+    result.stdout.fnmatch_lines([f"*{expected}*"])
+    assert "Traceback" not in result.stdout.str() and "ValueError" not in result.stdout.str()

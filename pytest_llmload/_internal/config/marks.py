@@ -67,12 +67,14 @@ def limit_gpu_memory(limit: Any, *, device: Any = None, kind: str = "allocated")
         raise LLMLoadUsageError(f"limit {limit!r}: expected a size > 0 such as '6 GiB'")
     if kind not in ("allocated", "reserved"):
         raise LLMLoadUsageError(f"kind={kind!r}: expected 'allocated' or 'reserved'")
+    from pytest_llmload._internal.config.numbers import is_whole_number
+
     index = None
     if device is not None:
-        text = str(device).strip() if not isinstance(device, bool) else ""
+        text = str(device).strip() if isinstance(device, (int, str)) and not isinstance(device, bool) else ""
         if text.startswith("cuda:"):
             text = text[5:]
-        if not text.isdigit():
+        if not is_whole_number(text) or len(text) > 6:  # ASCII digits: "²" and "٠" are no GPU index
             raise LLMLoadUsageError(f"device={device!r}: expected a GPU index such as 0 or 'cuda:0'")
         index = int(text)
     return size, index, kind

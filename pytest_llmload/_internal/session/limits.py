@@ -47,8 +47,19 @@ class GpuPeakLimit:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        if self._limit(item) is not None:
+        limit = self._limit(item)
+        if limit is not None:
             from pytest_llmload._internal.planning.measure import MemoryTracker
+
+            device = limit[1]
+            if device is not None:
+                import torch
+
+                count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+                if count and device >= count:  # without GPUs there is nothing to measure on any card
+                    raise pytest.fail.Exception(
+                        f"{item.nodeid}: limit_gpu_memory(device={device}): this process sees {count} GPU(s) "
+                        f"(cuda:0 to cuda:{count - 1}); no GPU {device}", pytrace=False)
 
             item.stash[_TRACKER] = MemoryTracker(cpu=False).start()
 
