@@ -59,13 +59,14 @@ def _checked(parse):
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number >= 1")
-    return value
+    """A whole number >= 1 in ASCII digits (``int()`` takes '٨' as 8)."""
+    from pytest_llmload._internal.config.numbers import is_whole_number
+
+    value = text.strip()
+    if not is_whole_number(value) or len(value) > 12 or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number >= 1 (ASCII digits, "
+                                         "at most 12 of them)")
+    return int(value)
 
 
 def _model(text: str) -> str:
@@ -96,8 +97,10 @@ def _fleet(text: str) -> list[int]:
 
 def _gpu_count(text: str) -> int:
     """``validate --gpus``: a count (``4``) or a fleet (``4x24GiB``: its size is what counts)."""
-    if text.strip().isdigit():
-        return int(text)
+    from pytest_llmload._internal.config.numbers import MAX_CARDS, is_whole_number, parse_count
+
+    if is_whole_number(text.strip()):
+        return parse_count(text, "--gpus", minimum=0, maximum=MAX_CARDS)
     return len(_fleet(text))
 
 

@@ -106,3 +106,40 @@ def test_an_empty_command_line_fleet_does_not_silently_drop_one_from_pytest_addo
     result = pytester.runpytest_subprocess("--llm-virtual-gpus=")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: --llm-virtual-gpus was given 2 times ('2x64MiB', ''):*"])
+
+
+@pytest.mark.parametrize("option, expected", [
+    ("--llm-emulate-gpu=٦MiB", "invalid --llm-emulate-gpu value '٦MiB'"),
+    ("--llm-dist-timeout=٥", "invalid --llm-dist-timeout value '٥'"),
+    ("--llm-dist-timeout=1e300", "invalid --llm-dist-timeout value '1e300': expected a number of seconds > 0 and "
+                                 "at most 604800 (a week)"),
+    ("--llm-dist-timeout=nan", "invalid --llm-dist-timeout value 'nan'"),
+    ("--llm-max-memory=0=٢GiB", "invalid size '٢GiB'"),
+    ("--llm-require-gpus=٢", "invalid --llm-require-gpus value '٢'"),
+    ("--llm-cache-size=٢", "invalid --llm-cache-size value '٢'"),
+])
+def test_options_take_ascii_digits_and_bounded_timeouts(pytester, option, expected):
+    """Each was accepted ('٥' as 5 seconds; 1e300 failed later under torchrun with an OverflowError)."""
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess(option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines([f"ERROR: *{expected}*"])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["plan", "builtin:tiny-llama", "--gpus", "٢x24GiB"], "card count '٢'"),
+    (["plan", "builtin:tiny-llama", "--gpus", "2x24GiB", "--max-memory", "0=٢GiB"], "invalid size '٢GiB'"),
+    (["plan", "builtin:tiny-llama", "--cpu-memory", "٥GiB"], "invalid size '٥GiB'"),
+    (["validate", "builtin:tiny-llama", "auto", "--gpus", "٢"], "'٢'"),
+    (["validate", "builtin:tiny-llama", "auto", "--gpus", "99999999999999999999"], "from 0 to 4096"),
+    (["estimate", "builtin:tiny-llama", "--lora-r", "٨"], "invalid value '٨': expected a whole number >= 1"),
+    (["estimate", "builtin:tiny-llama", "--seq-len", "9" * 400], "expected a whole number >= 1"),
+])
+def test_the_cli_takes_ascii_digits(args, expected):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pytest_llmload", *args], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from pytest_llmload._internal.config.specs import (
 from pytest_llmload._internal.config.numbers import is_whole_number, parse_count
 
 DEFAULT_MODEL = "builtin:tiny-llama"
+MAX_DIST_TIMEOUT = 7 * 24 * 3600  # seconds; torch's collectives take the timeout as a C int of milliseconds
 _ON, _OFF = ("true", "yes", "on"), ("false", "no", "off")  # besides a GPU count (0 = off)
 
 # (option, ini key, help, extra add_option kwargs, ini type, ini default): the one list of options.
@@ -233,11 +235,12 @@ def parse_require_gpus(value: Any) -> tuple[bool, int | None]:
     return (True, count) if count > 0 else (False, None)
 
 
+_DECIMAL = re.compile(r"[ \t]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?[ \t]*")
+
+
 def _fraction(text: str, option: str, *, upper: float | None, accepted: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    # ASCII digits only (float() reads '٥' as 5 and 'nan', 'inf' as numbers)
+    value = float(text) if _DECIMAL.fullmatch(text) else math.nan
     if not math.isfinite(value) or value < 0 or (upper is not None and value >= upper):
         raise LLMLoadUsageError(f"invalid {option} value {text!r}: expected {accepted}")
     return value
@@ -278,11 +281,12 @@ def parse_options(config: pytest.Config) -> Options:
     cuda_context = parse_size(context_text) if context_text and str(context_text) != "auto" else None
     tolerance = _fraction(str(read.scalar("llm_footprint_tolerance")[0] or "0.05"), "--llm-footprint-tolerance",
                           upper=None, accepted="a finite fraction >= 0 such as 0.05")
-    dist_timeout = _fraction(str(read.scalar("llm_dist_timeout")[0] or "300"), "--llm-dist-timeout", upper=None,
-                             accepted="a number of seconds > 0 such as 300")
-    if dist_timeout <= 0:
+    timeout_accepted = f"a number of seconds > 0 and at most {MAX_DIST_TIMEOUT} (a week) such as 300"
+    dist_timeout = _fraction(str(read.scalar("llm_dist_timeout")[0] or "300"), "--llm-dist-timeout",
+                             upper=MAX_DIST_TIMEOUT + 1, accepted=timeout_accepted)
+    if dist_timeout <= 0 or dist_timeout > MAX_DIST_TIMEOUT:  # 1e300 overflowed torch's C int under torchrun
         raise LLMLoadUsageError(f"invalid --llm-dist-timeout value {read.scalar('llm_dist_timeout')[0]!r}: "
-                                "expected a number of seconds > 0 such as 300")
+                                f"expected {timeout_accepted}")
     report = read.path("llm_report")
     baseline = read.path("llm_footprint_baseline")
     for option, path in (("--llm-report", report), ("--llm-footprint-baseline", baseline)):
