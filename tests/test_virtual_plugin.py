@@ -289,3 +289,21 @@ def test_a_conftest_fleet_is_sliced_per_xdist_worker_on_a_machine_without_gpus(p
     """)
     result = pytester.runpytest_subprocess("-n", "2", "--llm-gpus-per-worker=1", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+def test_a_marker_fleet_the_session_fleet_hides_fails_under_require_gpus(pytester):
+    """It stayed a skip under --llm-require-gpus (issue 24, item 7), unlike every other hardware skip."""
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.virtual_gpus("4x64MiB")
+        def test_x():
+            pass
+    """)
+    plain = pytester.runpytest_subprocess("--llm-virtual-gpus=2x64MiB", "-rs")
+    plain.assert_outcomes(skipped=1)
+    strict = pytester.runpytest_subprocess("--llm-virtual-gpus=2x64MiB", "--llm-require-gpus")
+    strict.assert_outcomes(errors=1)  # at setup, as every hardware check under --llm-require-gpus
+    strict.stdout.fnmatch_lines(["*needs virtual GPUs 4x64.0 MiB; this session runs on virtual GPUs 2x64.0 MiB "
+                                 "(fleets do not nest) (--llm-require-gpus: missing hardware fails instead of "
+                                 "skipping)*"])

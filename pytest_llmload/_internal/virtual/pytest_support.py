@@ -67,9 +67,14 @@ class VirtualGpusMarker:
                 fleet.__enter__()
                 item.stash[_TEST_FLEET] = fleet
             elif running.specs != fleet.cards:  # fleets do not nest; the session's one serves if it is the same
-                raise pytest.skip.Exception(
-                    f"needs virtual GPUs {describe_fleet(fleet.cards)}; this session runs on virtual GPUs "
-                    f"{describe_fleet(running.specs)} (fleets do not nest)", _use_item_location=True)
+                from pytest_llmload.fixtures import SESSION_KEY
+
+                reason = (f"needs virtual GPUs {describe_fleet(fleet.cards)}; this session runs on virtual GPUs "
+                          f"{describe_fleet(running.specs)} (fleets do not nest)")
+                session = item.config.stash.get(SESSION_KEY, None)
+                if session is not None:  # skip, or fail under --llm-require-gpus like any hardware skip
+                    session.gate.missing_hardware(item.nodeid, [reason])
+                raise pytest.skip.Exception(reason, _use_item_location=True)
         return (yield)
 
     @pytest.hookimpl(wrapper=True)
