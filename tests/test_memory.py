@@ -154,3 +154,22 @@ def test_cli_estimate(capsys):
     out = capsys.readouterr().out
     assert out.startswith("training memory:") and "optimizer state" in out
     assert main(["estimate", "builtin:tiny-llama", "--precision", "int8"]) == 2
+
+
+@pytest.mark.parametrize("model, device_map", [
+    ("builtin:tiny-llama", None), ("builtin:tiny-bert", None), ("builtin:tiny-llama", "cpu"),
+    ("builtin:tiny-llama", '{"model.embed_tokens": 0, "model.layers": 1, "model.norm": 1, "lm_head": "cpu"}'),
+])
+def test_the_per_device_rows_of_a_lora_estimate_add_up_to_the_total(model, device_map):
+    """They missed the adapters' weights: exactly the gradients figure (294,912 bytes for MiniLM)."""
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "pytest_llmload", "estimate", model, "--lora-r", "8", "--json"]
+    if device_map is not None:
+        args += ["--device-map", device_map]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    estimate = json.loads(result.stdout)
+    assert sum(estimate["per_device"].values()) == estimate["total"]

@@ -55,3 +55,48 @@ def test_the_layout_section_names_every_package_and_module_of_the_tree():
     for name in named:
         if name.endswith("/"):
             assert list(root.rglob(name.rstrip("/"))), f"README names {name}, which is not in the tree"
+
+
+def _command_samples() -> list[tuple[str, str]]:
+    """``$ llmload ...`` lines of README's text blocks that are followed by output, with that output."""
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    kind = ""
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            if current is None:  # an opening fence; its language (python, toml, ...) is kept in kind
+                current, kind = [], line[3:]
+            else:
+                if not kind:  # plain blocks hold the command samples
+                    blocks.append(current)
+                current = None
+        elif current is not None:
+            current.append(line)
+    samples = []
+    for lines in blocks:
+        for index, line in enumerate(lines):
+            if line.startswith("$ llmload "):
+                output = []
+                for following in lines[index + 1:]:
+                    if following.startswith("$ "):
+                        break
+                    output.append(following)
+                if output:
+                    samples.append((line[2:], "\n".join(output)))
+    return samples
+
+
+def test_readme_command_samples_are_what_the_commands_print():
+    """Each sample is the command's real output (the plan sample lacked a note the command prints)."""
+    import shlex
+    import subprocess
+    import sys
+
+    samples = _command_samples()
+    assert len(samples) >= 3
+    for command, expected in samples:
+        args = shlex.split(command)[1:]
+        result = subprocess.run([sys.executable, "-m", "pytest_llmload", *args], capture_output=True, text=True,
+                                timeout=300)
+        printed = (result.stdout + result.stderr).rstrip("\n")
+        assert printed == expected, f"README's sample of `{command}` differs from its output:\n{printed}"

@@ -339,10 +339,14 @@ def estimate_training_memory(
         in_memory = {d: v for d, v in placed.items() if d != "disk"}
         total_in_memory = sum(in_memory.values()) or 1
         gpus = sorted(d for d in in_memory if isinstance(d, int))
+        # what is not a base weight (LoRA's adapters, gradients, optimizer state, activations) goes with the
+        # weights, in proportion; the rounding remainder to the device holding the most, so the rows add up
+        extra = (weights - sizes[""]) + grad_bytes + optimizer_bytes + activations
+        shares = {device: extra * size // total_in_memory for device, size in in_memory.items()}
+        if shares:
+            shares[max(in_memory, key=lambda d: in_memory[d])] += extra - sum(shares.values())
         for device, size in in_memory.items():
-            share = size / total_in_memory
-            per_device[device] = int(size + (grad_bytes + optimizer_bytes + activations) * share) + (
-                context if device in gpus else 0)
+            per_device[device] = size + shares[device] + (context if device in gpus else 0)
         if placed.get("disk"):
             per_device["disk"] = placed["disk"]
             notes.append(f"{format_size(placed['disk'])} of weights are offloaded to disk; the gradients, optimizer "
