@@ -339,9 +339,10 @@ def estimate_training_memory(
         in_memory = {d: v for d, v in placed.items() if d != "disk"}
         total_in_memory = sum(in_memory.values()) or 1
         gpus = sorted(d for d in in_memory if isinstance(d, int))
-        # what is not a base weight (LoRA's adapters, gradients, optimizer state, activations) goes with the
-        # weights, in proportion; the rounding remainder to the device holding the most, so the rows add up
-        extra = (weights - sizes[""]) + grad_bytes + optimizer_bytes + activations
+        # what the map does not place (LoRA's adapters; buffers of modules a custom map leaves out), gradients,
+        # optimizer state and activations go with the weights, in proportion; the rounding remainder to the
+        # device holding the most, so the rows add up to the total
+        extra = (weights - sum(placed.values())) + grad_bytes + optimizer_bytes + activations
         shares = {device: extra * size // total_in_memory for device, size in in_memory.items()}
         if shares:
             shares[max(in_memory, key=lambda d: in_memory[d])] += extra - sum(shares.values())
