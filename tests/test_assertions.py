@@ -58,7 +58,7 @@ def test_incomplete_map():
 
 def test_unknown_module_and_unknown_device():
     problems = validate_device_map("builtin:tiny-llama", {**LLAMA_MAP, "model.layers.9": "cpu"}, gpus=1)
-    assert "entry 'model.layers.9' names no module or parameter of LlamaForCausalLM" in problems
+    assert "entry 'model.layers.9' names no module or parameter of LlamaForCausalLM (model.layers has 4: 0..3)" in problems
     assert "entry 'model.layers.1' puts it on cuda:1, which does not exist 1 GPU(s) planned" in problems
 
 
@@ -319,3 +319,19 @@ def test_outputs_close_explicit_tolerance_and_encoders():
         assert_outputs_close(load_model("builtin:tiny-bert", precision="fp16"), bert, atol=1e-9)
     t5 = load_model("builtin:tiny-t5", precision="fp32")
     assert_outputs_close(load_model("builtin:tiny-t5", precision="bf16"), t5)
+
+
+def test_validate_names_the_close_module_an_entry_missed():
+    """`encoder.layers.1` got no hint although `encoder.layer.1` exists (assert_device_map gave one)."""
+    import subprocess
+    import sys
+
+    problems = validate_device_map("builtin:tiny-bert", {"embeddings": 0, "encoder.layers.1": 0, "pooler": 0})
+    assert "entry 'encoder.layers.1' names no module or parameter of BertModel (did you mean 'encoder.layer.1'?)" \
+        in problems
+    problems = validate_device_map("builtin:tiny-llama", {"model.layers.9": 0, "": 0})
+    assert any("(model.layers has 4: 0..3)" in p for p in problems), problems
+    cli = subprocess.run([sys.executable, "-m", "pytest_llmload", "validate", "builtin:tiny-bert",
+                          '{"embeddings": 0, "encoder.layers.1": 0, "pooler": 0}', "--gpus", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert "(did you mean 'encoder.layer.1'?)" in cli.stdout

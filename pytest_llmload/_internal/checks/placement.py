@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from pytest_llmload._internal.planning.devices import device_hops, execution_order, normalize_device, resolve
+from pytest_llmload._internal.planning.devices import device_hops, execution_order, name_hint, normalize_device, resolve
 from pytest_llmload._internal.tables import format_table
 from pytest_llmload._internal.checks.common import fail
 
@@ -55,7 +55,7 @@ def assert_device_map(model, expected: Any = None, *, devices: Iterable[Any] | A
             n for n, _ in model.named_parameters(remove_duplicate=False)}
         missing_modules = [entry for entry in expected if entry not in known]
         for entry in missing_modules:
-            problems.append(f"  {entry!r} names no module of {type(model).__name__}{_suggest(entry, known)}")
+            problems.append(f"  {entry!r} names no module of {type(model).__name__}{name_hint(entry, known)}")
         present = {entry: device for entry, device in expected.items() if entry in known}
         checks = tensors if exact else list(present)
         for name in checks:
@@ -109,20 +109,6 @@ def _device_name(device: Any, where: str) -> str:
         raise LLMLoadUsageError(
             f"assert_device_map: {where}: {device!r} is not a device; expected an index, a name such as "
             "'cuda:0' or 'cpu', or a torch.device") from None
-
-
-def _suggest(name: str, known: set[str]) -> str:
-    """A hint after "names no module": the blocks a numbered container has, or a near miss."""
-    import difflib
-
-    parent, _, last = name.rpartition(".")
-    if last.isdigit() and parent in known:
-        numbers = sorted(int(k[len(parent) + 1:]) for k in known
-                         if k.startswith(parent + ".") and k[len(parent) + 1:].isdigit())
-        if numbers:
-            return f" ({parent} has {len(numbers)}: {numbers[0]}..{numbers[-1]})"
-    close = difflib.get_close_matches(name, sorted(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _where(device_map: dict[str, Any], name: str, tensors: list[str]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pytest_llmload._internal.compat.accelerate import hook_execution_device
@@ -112,3 +113,17 @@ def device_order(device: int | str) -> tuple[int, int]:
     """Sort key of planned devices: GPUs by index, then mps, cpu, disk."""
     return (0, device) if isinstance(device, int) else (1, ["mps", "cpu", "disk"].index(device) if device in (
         "mps", "cpu", "disk") else 9)
+
+
+def name_hint(name: str, known: set[str]) -> str:
+    """A hint after "names no module": the blocks a numbered container has, or a near miss."""
+    import difflib
+
+    parent, _, last = name.rpartition(".")
+    if re.fullmatch(r"[0-9]+", last) and parent in known:
+        numbers = sorted(int(k[len(parent) + 1:]) for k in known
+                         if k.startswith(parent + ".") and re.fullmatch(r"[0-9]+", k[len(parent) + 1:]))
+        if numbers:
+            return f" ({parent} has {len(numbers)}: {numbers[0]}..{numbers[-1]})"
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from pytest_llmload._internal.planning.devices import normalize_device, resolve
+from pytest_llmload._internal.planning.devices import name_hint, normalize_device, resolve
 
 
 def as_model(model: Any):
@@ -80,7 +80,9 @@ def validate_device_map(model: Any, device_map: dict[str, Any], *, gpus: int | N
     devices: dict[str, str] = {}
     for entry, device in device_map.items():
         if entry and entry not in modules and entry not in tensor_set:
-            problems.append(f"entry {entry!r} names no module or parameter of {type(network).__name__}")
+            known = set(modules) | tensor_set
+            problems.append(f"entry {entry!r} names no module or parameter of {type(network).__name__}"
+                            f"{name_hint(entry, known)}")
         try:
             devices[entry] = normalize_device(device)
         except ValueError as exc:
