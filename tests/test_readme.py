@@ -100,3 +100,14 @@ def test_readme_command_samples_are_what_the_commands_print():
                                 timeout=300)
         printed = (result.stdout + result.stderr).rstrip("\n")
         assert printed == expected, f"README's sample of `{command}` differs from its output:\n{printed}"
+
+
+def test_readme_installs_only_what_exists():
+    """`pip install pytest-llmload` (no release exists) was README's install line and its CI example's."""
+    text = README.read_text(encoding="utf-8")
+    for line in text.splitlines():
+        if "pip install" in line:
+            words = line.replace('"', " ").split("#")[0].split()
+            for index, word in enumerate(words):  # the bare name would ask PyPI; "name @ URL" is a direct reference
+                assert word != "pytest-llmload" or words[index + 1:index + 2] == ["@"], line
+    assert "has no release on PyPI yet" in text
