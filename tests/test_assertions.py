@@ -335,3 +335,29 @@ def test_validate_names_the_close_module_an_entry_missed():
                           '{"embeddings": 0, "encoder.layers.1": 0, "pooler": 0}', "--gpus", "1"],
                          capture_output=True, text=True, timeout=300)
     assert "(did you mean 'encoder.layer.1'?)" in cli.stdout
+
+
+def test_our_assertions_make_no_noise_downstream(pytester):
+    """A downstream run of expected_footprint / assert_outputs_close / assert_int8_trainable on int8 showed
+    14 `torch.jit.script_method` DeprecationWarnings (bitsandbytes' import) and 160 `MatMul8bitLt: inputs
+    will be cast` lines under -rA; and expected_footprint of a loaded int8 model raised AttributeError on
+    transformers 5.17 (its config holds a BitsAndBytesConfig object, read there as a dict)."""
+    pytester.makepyfile("""
+        from pytest_llmload import assert_int8_trainable, assert_outputs_close, expected_footprint
+
+        def test_quiet(llm_model, llm_spec, llm_private_model):
+            from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+            assert expected_footprint(llm_model, llm_spec.precision).total > 0
+            assert_outputs_close(llm_model, llm_model)
+            model = prepare_model_for_kbit_training(llm_private_model, use_gradient_checkpointing=False)
+            assert_int8_trainable(get_peft_model(model, LoraConfig(r=4)))
+    """)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:randomly", "-rA", "-W", "default",
+        # peft 0.21's get_peft_model reads transformers 5.25's deprecated is_gradient_checkpointing: theirs
+        "-W", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+        "--llm-device-map=cpu", "--llm-precision=int8")
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    assert "MatMul8bitLt" not in out and "script_method" not in out and "warnings summary" not in out, out

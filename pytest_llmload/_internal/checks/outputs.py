@@ -47,7 +47,9 @@ def assert_outputs_close(model, reference, inputs: Any = None, *,
     import torch
 
     batch = as_batch(reference, inputs, "assert_outputs_close") if inputs is not None else default_inputs(reference)
-    with torch.no_grad():
+    from pytest_llmload._internal.compat.bitsandbytes import quiet_int8_matmul
+
+    with torch.no_grad(), quiet_int8_matmul():
         want = output_tensor(reference(**to_device(batch, input_device(reference)))).float().cpu()
         got = output_tensor(model(**to_device(batch, input_device(model)))).float().cpu()
     if got.shape != want.shape:

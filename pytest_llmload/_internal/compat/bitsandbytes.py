@@ -94,3 +94,22 @@ def import_bitsandbytes(*, hub_kernels: bool | None = None):
         finally:
             logger.setLevel(level)
     return bitsandbytes
+
+
+# the logger of bitsandbytes' int8 matmul, which says "inputs will be cast" on every call from float32 inputs
+_MATMUL_LOGGER = "bitsandbytes.autograd._functions"
+
+
+@contextlib.contextmanager
+def quiet_int8_matmul():
+    """Our own forward/backward passes (assertions) run int8 layers without one "MatMul8bitLt: inputs will be
+    cast" log record per layer per call (160 lines under ``-rA``); the user's own calls keep theirs."""
+    import logging
+
+    logger = logging.getLogger(_MATMUL_LOGGER)
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

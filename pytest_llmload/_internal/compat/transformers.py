@@ -222,8 +222,22 @@ def plan_dtype(get_dtype: Any, dtype: Any, config: Any, hf_quantizer: Any) -> tu
 
 
 def plan_quantizer(get_hf_quantizer: Any, config: Any, quantization_config: Any, device_map: Any) -> tuple[Any, Any]:
-    """``get_hf_quantizer`` as ``from_pretrained`` calls it for a local load: ``(hf_quantizer, config)``."""
-    hf_quantizer, config, _ = get_hf_quantizer(config, quantization_config, device_map, True, {})
+    """``get_hf_quantizer`` as ``from_pretrained`` calls it for a local load: ``(hf_quantizer, config)``.
+
+    The config of a model already loaded quantized holds a ``BitsAndBytesConfig`` object where a checkpoint's
+    config.json holds a dict; transformers 5.17 reads it as a dict (``AttributeError: 'BitsAndBytesConfig'
+    object has no attribute 'get'``), so the planner is given the dict, on a copy of the config."""
+    held = getattr(config, "quantization_config", None)
+    if held is not None and not isinstance(held, dict) and hasattr(held, "to_dict"):
+        import copy
+
+        config = copy.copy(config)
+        config.quantization_config = held.to_dict()
+    import warnings
+
+    with warnings.catch_warnings():  # the planner's own call: the model's quantization config is the one used
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        hf_quantizer, config, _ = get_hf_quantizer(config, quantization_config, device_map, True, {})
     return hf_quantizer, config
 
 
