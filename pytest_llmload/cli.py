@@ -64,8 +64,7 @@ def _positive_int(text: str) -> int:
 
     value = text.strip()
     if not is_whole_number(value) or len(value) > 12 or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number >= 1 (ASCII digits, "
-                                         "at most 12 of them)")
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number >= 1")
     return int(value)
 
 
@@ -74,6 +73,10 @@ def _model(text: str) -> str:
     from pytest_llmload._internal.config.specs import parse_model
 
     path = os.path.expanduser(text)
+    if os.path.basename(path) == "config.json" and os.path.lexists(path) and not os.path.isdir(path):
+        from pytest_llmload._internal.loading.safety import require_regular
+
+        require_regular(path, "checkpoint file")  # a FIFO, a device, a symlink loop: said, never opened
     if os.path.isfile(path):
         if os.path.basename(path) != "config.json":
             raise LLMLoadError(f"model path {text!r} is a file: expected a checkpoint directory, its config.json, "

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
+from pytest_llmload._internal.session import SESSION_KEY  # the session, set in pytest_configure
 from pytest_llmload.errors import LLMLoadError
 
 if TYPE_CHECKING:
@@ -15,7 +16,6 @@ if TYPE_CHECKING:
 
 # Nothing heavier than pytest is imported here: this module is imported with the plugin at every pytest
 # start, also where no test asks for an llm fixture.
-SESSION_KEY = pytest.StashKey["LLMLoadSession"]()  # the session, set in pytest_configure
 
 
 def _session(request: pytest.FixtureRequest) -> LLMLoadSession:

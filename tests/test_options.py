@@ -76,8 +76,9 @@ def test_command_line_paths_resolve_against_the_invocation_folder(pytester, monk
 @pytest.mark.parametrize("option", ["--llm-report", "--llm-footprint-baseline"])
 def test_an_unwritable_output_path_is_refused_at_start_up(pytester, option):
     pytester.makepyfile("def test_x(): pass")
-    usage_error(pytester.runpytest(f"{option}=/nonexistent/dir/r.json"),
-                f"{option}=/nonexistent/dir/r.json: the folder /nonexistent/dir does not exist")
+    (pytester.path / "afile").write_text("")  # a missing folder is created at the end, unless it cannot be
+    usage_error(pytester.runpytest(f"{option}=afile/dir/r.json"),
+                f"{option}=*/afile/dir/r.json: cannot create the folder */afile/dir: */afile is not a folder")
     pytester.mkdir("adir")
     usage_error(pytester.runpytest(f"{option}=adir"), f"{option}=*adir: is a directory; expected a file path to write")
 

@@ -106,7 +106,7 @@ def test_bad_marker_argument_is_a_collection_error(pytester):
         (["--llm-device-map=everywhere"], "invalid device map 'everywhere': expected auto, balanced, balanced_low_0,"
                                           " sequential, cpu, cuda, cuda:N, N, disk, process*"),
         (['--llm-device-map={"lm_head": 0,'], "invalid device map*not valid JSON*"),
-        (["--llm-device-map=@missing.json"], "invalid device map '@missing.json': cannot read */missing.json (No such file or directory)"),
+        (["--llm-device-map=@missing.json"], "invalid device map '@missing.json': */missing.json does not exist"),
         (["--llm-max-memory=0=lots"], "invalid max memory '0=lots': invalid size 'lots'*"),
         (["--llm-model=builtin:gpt5"], "unknown built-in model 'builtin:gpt5': expected one of builtin:tiny-llama*"),
         (["--llm-model=./models/missing"], "model path './models/missing' does not exist*"),

@@ -94,7 +94,7 @@ def test_custom_device_map_inline_and_from_file(tmp_path):
         ('{"a": -1}', "a GPU index cannot be negative"),
         ("{}", "expected a non-empty JSON object"),
         ('[1, 2]', "invalid device map"),
-        ("@/no/such/map.json", "cannot read /no/such/map.json"),
+        ("@/no/such/map.json", "/no/such/map.json does not exist"),
     ],
 )
 def test_malformed_device_maps(bad, message):

@@ -218,6 +218,10 @@ class _Reader:
             return None
         return str((base / Path(str(value)).expanduser()).resolve())
 
+    def source(self, dest: str) -> str:
+        """Where ``dest``'s value came from, as an error names it: ``--llm-report`` or ``llm_report (ini)``."""
+        return option_name(dest) if self.config.getoption(dest, None) is not None else f"{dest} (ini)"
+
 
 def parse_require_gpus(value: Any) -> tuple[bool, int | None]:
     """``--llm-require-gpus``: no value/true -> strict; N -> strict with N GPUs at start-up; 0/false -> off."""
@@ -289,9 +293,9 @@ def parse_options(config: pytest.Config) -> Options:
                                 f"expected {timeout_accepted}")
     report = read.path("llm_report")
     baseline = read.path("llm_footprint_baseline")
-    for option, path in (("--llm-report", report), ("--llm-footprint-baseline", baseline)):
+    for dest, path in (("llm_report", report), ("llm_footprint_baseline", baseline)):
         if path:
-            check_writable(path, option)
+            check_writable(path, read.source(dest))
     coverage_text = read.scalar("llm_coverage")[0]
     coverage = None
     if coverage_text:
@@ -340,22 +344,37 @@ def _option_size(value: Any, option: str) -> int | None:
 
 
 def check_writable(path: str, option: str) -> None:
-    """A file the session will write at the end must be writable now, not found broken after the tests."""
+    """A file the session will write at the end must be writable now, not found broken after the tests.
+
+    A missing folder is fine where it can be created (it is, when the file is written, as pytest's
+    ``--junitxml`` does); nothing is created here. ``option`` names where the value came from:
+    ``--llm-report`` or ``llm_report (ini)``."""
+    shown = f"{option}={path}" if option.startswith("--") else f"{option} = {path}"
     target = Path(path)
     if target.is_dir():
-        raise LLMLoadUsageError(f"{option}={path}: is a directory; expected a file path to write")
+        raise LLMLoadUsageError(f"{shown}: is a directory; expected a file path to write")
     parent = target.parent
     if not parent.is_dir():
-        raise LLMLoadUsageError(f"{option}={path}: the folder {parent} does not exist")
+        existing = parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise LLMLoadUsageError(f"{shown}: cannot create the folder {parent}: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise LLMLoadUsageError(f"{shown}: cannot create the folder {parent}: {existing} is not writable")
+        return
     if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise LLMLoadUsageError(f"{option}={path}: cannot write there (permission denied)")
+        raise LLMLoadUsageError(f"{shown}: cannot write there (permission denied)")
 
 
 def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, so readers never see half a file."""
+    """Write ``text`` to ``path`` through a temporary file in the same folder, so readers never see half a file.
+    Missing parent folders are created (as pytest's ``--junitxml`` does); nothing is ever deleted but the
+    temporary file."""
     import tempfile
 
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".llmload-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.config.numbers import is_whole_number, parse_count, parse_size  # noqa: F401
+from pytest_llmload._internal.config.numbers import is_whole_number, parse_size
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "fp4")
 QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
@@ -242,8 +242,9 @@ class ModelSpec:
 
 def _looks_like_path(text: str, base: str | os.PathLike | None = None) -> bool:
     # A hub id is "name" or "org/name"; anything else with separators is meant as a local path.
+    # lexists: a symlink that does not resolve (a loop, a dangling one) is a local path too, not a hub id.
     return (text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text
-            or _resolve_path(text, base).exists())
+            or os.path.lexists(_resolve_path(text, base)))
 
 
 def parse_model(value: Any, *, base: str | os.PathLike | None = None) -> ModelSpec:
@@ -269,14 +270,21 @@ def parse_model(value: Any, *, base: str | os.PathLike | None = None) -> ModelSp
             )
         return ModelSpec("builtin", name, name)
     if _looks_like_path(text, base):
+        from pytest_llmload._internal.loading.safety import not_regular  # stat only: a FIFO is never opened
+
         path = _resolve_path(text, base)
         if not path.exists():
-            raise LLMLoadUsageError(f"model path {text!r} does not exist: expected a checkpoint directory")
+            kind = not_regular(path)  # a symlink loop, a dangling symlink
+            raise LLMLoadUsageError(f"model path {text!r} {'is ' + kind if kind else 'does not exist'}: "
+                                    "expected a checkpoint directory")
         if not path.is_dir():
-            raise LLMLoadUsageError(
-                f"model path {text!r} is not a directory: expected a checkpoint directory with config.json"
-            )
+            kind = not_regular(path)
+            raise LLMLoadUsageError(f"model path {text!r} is {kind + ', ' if kind else ''}not a directory: "
+                                    "expected a checkpoint directory with config.json")
         if not (path / "config.json").is_file():
+            kind = not_regular(path / "config.json")  # a FIFO, a symlink loop, a device, a directory
+            if kind:
+                raise LLMLoadUsageError(f"checkpoint file {path / 'config.json'} is {kind}, not a regular file")
             raise LLMLoadUsageError(f"model path {text!r} has no config.json: expected a checkpoint directory")
         path = path.resolve()
         return ModelSpec("path", str(path), path.name)
@@ -374,23 +382,14 @@ class LLMSpec:
     def key(self) -> str:
         """The cell's identity as one string (unique per cell, also where two labels collide): what the
         report merges on across processes. In one process the frozen spec itself is the key."""
-        budget = f" max_memory={json.dumps(self.max_memory_dict, sort_keys=True)}" if self.max_memory else ""
-        return f"{self.model} {self.device_map_spec.key} {self.precision}{budget}"
+        return f"{self.model} {self.device_map_spec.key} {self.precision}{self.budget_text}"
 
-    def portable_key(self, root: str | os.PathLike | None = None) -> str:
-        """The cell's identity as it reads on any machine (the footprint baseline's key): a local
-        checkpoint by its path relative to ``root`` (the project's root folder), not an absolute path."""
-        model = self.model
-        if self.model_spec.kind == "path" and root is not None:
-            try:
-                model = Path(self.model_spec.source).relative_to(Path(root).resolve()).as_posix()
-            except ValueError:
-                pass
-        kind = self.device_map_spec.kind
-        device_map = (self.device_map_spec.label if kind in ("strategy", "process", "device")
-                      else json.dumps(self.device_map, sort_keys=True, separators=(",", ":")))
-        budget = f" max_memory={json.dumps(self.max_memory_dict, sort_keys=True)}" if self.max_memory else ""
-        return f"{model} {device_map} {self.precision}{budget}"
+    @property
+    def budget_text(self) -> str:
+        # Budgets mix GPU indices and "cpu": as JSON keys (strings), so that sorting them cannot fail.
+        if not self.max_memory:
+            return ""
+        return f" max_memory={json.dumps({str(k): v for k, v in self.max_memory}, sort_keys=True)}"
 
     def __repr__(self) -> str:
         return f"LLMSpec(model={self.model!r}, device_map={self.device_map!r}, precision={self.precision!r})"

@@ -5,6 +5,7 @@ torch and transformers are imported inside the functions, so importing this modu
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +36,21 @@ def load_config(model: Any, *, trust_remote_code: bool = False):
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(model, PretrainedConfig):
+        check_config_values(model, f"config {type(model).__name__}")
         return model
     if hasattr(model, "config") and isinstance(getattr(model, "config"), PretrainedConfig):
         return model.config
     spec = parse_model(model)
     source = resolve_source(spec)
+    where = f"config.json of {spec.text!r}"
     local_only, offline_reason = _is_local(spec), ""
     if local_only:
         from pytest_llmload._internal.loading.safety import check_json_file
 
         # Not a FIFO, not nested without bound; whether it is JSON at all, AutoConfig says below.
         check_json_file(Path(source) / "config.json", "checkpoint file", parse=False)
+        # Its sizes as written, before transformers' own checks trip on them (num_attention_heads=0: a modulo).
+        check_config_values(_raw_config(Path(source) / "config.json"), where)
     else:
         from pytest_llmload._internal.loading.safety import hub_reachable
 
@@ -60,7 +65,88 @@ def load_config(model: Any, *, trust_remote_code: bool = False):
             f"model {spec.text!r} needs code from the checkpoint (auto_map in config.json); "
             "pass --llm-trust-remote-code (trust_remote_code=True) if you trust it"
         )
+    check_config_values(config, where)
     return config
+
+
+# -- the sizes a config defines a model with -----------------------------------------------------------
+
+MAX_DIMENSION = 2**24  # real checkpoints: hidden and MLP sizes in the tens of thousands, vocabularies ~300,000
+_DIMENSION_KEYS = frozenset({
+    "hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim",
+    "decoder_ffn_dim", "moe_intermediate_size", "vocab_size", "num_attention_heads", "n_head", "num_heads",
+    "encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads", "head_dim", "d_kv"})
+_LAYER_KEY = re.compile(r"^(num_(hidden_|encoder_|decoder_)?layers|n_layers?|(encoder|decoder)_layers)$")
+_PLAN_KEYS = ("base_model_tp_plan", "base_model_pp_plan", "base_model_ep_plan", "base_model_fsdp_plan")
+
+
+def check_config_values(config: Any, where: str) -> None:
+    """Raise :class:`ModelLoadError` (``invalid WHERE: FIELD=VALUE: what is accepted``) if a field that sizes
+    the model cannot build one: layer counts below 1, hidden/MLP/vocabulary/head sizes outside 1 to
+    :data:`MAX_DIMENSION` (or not whole numbers), key-value heads that do not divide the attention heads,
+    parallelism plans that are not objects. ``config`` is a ``PretrainedConfig`` or config.json's content;
+    sub-configs (``text_config``, ...) are checked alike. The one check of config values: every planner,
+    estimate, fit check and load reads its config through :func:`load_config`, which calls it."""
+    pending = [("", _config_values(config))]
+    while pending:
+        prefix, values = pending.pop(0)  # the top level first
+        for key, value in values.items():
+            if isinstance(value, dict) and key not in _PLAN_KEYS:
+                pending.append((f"{prefix}{key}.", value))
+                continue
+            problem = _value_problem(str(key), value, values)
+            if problem:
+                name, text = f"{prefix}{key}", repr(value)
+                name = name if name.isprintable() else repr(name)  # one line, whatever the JSON keys hold
+                text = text if len(text) <= 60 else text[:57] + "..."
+                raise ModelLoadError(f"invalid {where}: {name}={text}: {problem}")
+
+
+def _config_values(config: Any) -> dict:
+    if isinstance(config, dict):
+        return config
+    from transformers import PretrainedConfig
+
+    values = config.to_dict()
+    for key in _PLAN_KEYS:  # left out of to_dict
+        values[key] = getattr(config, key, None)
+    for key, sub in vars(config).items():
+        if isinstance(sub, PretrainedConfig):
+            values[key] = _config_values(sub)
+    return values
+
+
+def _value_problem(key: str, value: Any, values: dict) -> str | None:
+    if key in _PLAN_KEYS:
+        return None if value is None or isinstance(value, dict) else "expected an object of module names to plans, or null"
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if value is None or not (_LAYER_KEY.match(key) or key in _DIMENSION_KEYS):
+        return None
+    if _LAYER_KEY.match(key):
+        return None if whole and value >= 1 else "expected a whole number >= 1"
+    if not (whole and 1 <= value <= MAX_DIMENSION):
+        return f"expected a whole number from 1 to {MAX_DIMENSION}"
+    heads = values.get("num_attention_heads")
+    if key == "num_key_value_heads" and isinstance(heads, int) and heads >= 1 and heads % value:
+        return f"expected a divisor of num_attention_heads={heads}"
+    return None
+
+
+def _raw_config(file: Path) -> dict:
+    """config.json's content, or ``{}`` where it is not a JSON object (AutoConfig then says what it is)."""
+    from pytest_llmload._internal.loading.safety import read_json
+
+    try:
+        content = read_json(file)
+    except (OSError, ValueError):  # safety.DamagedFile is a ValueError
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _validation_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of the config validators' errors (huggingface_hub's strict dataclasses), whose
+    message says the field on its first line and the reason on the next ones."""
+    return any(cls.__name__ == "StrictDataclassError" for cls in type(exc).__mro__)
 
 
 def _config_error(spec: ModelSpec, exc: BaseException, trust_remote_code: bool, offline_reason: str = "") -> str:
@@ -70,6 +156,9 @@ def _config_error(spec: ModelSpec, exc: BaseException, trust_remote_code: bool, 
             f"model {spec.text!r} needs code from the checkpoint; "
             "pass --llm-trust-remote-code (trust_remote_code=True) if you trust it"
         )
+    if _validation_error(exc):
+        joined = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        return f"invalid config.json of {spec.text!r}: {joined}"
     if spec.kind == "hub" and offline_reason:
         return (
             f"cannot load model {spec.text!r}: the hub is not reachable ({offline_reason}) and it is not in "

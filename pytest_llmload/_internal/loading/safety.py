@@ -5,6 +5,7 @@ Folders this process owns (and leftovers of dead ones) are :mod:`pytest_llmload.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -34,7 +35,8 @@ class DamagedFile(ValueError):
 
 
 def not_regular(path: str | os.PathLike) -> str | None:
-    """What ``path`` is if it exists but is no regular file (a dangling symlink, a directory, a FIFO), else None.
+    """What ``path`` is if it exists but is no regular file (a dangling symlink, a symlink loop, a directory,
+    a FIFO, a device), else None.
 
     Symlinks to regular files are fine: a Hugging Face cache snapshot is made of them.
     """
@@ -44,7 +46,9 @@ def not_regular(path: str | os.PathLike) -> str | None:
         if os.path.islink(path):
             return f"a dangling symlink (to {os.readlink(path)})"
         return None
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symlink loop"
         return None  # unreadable for another reason: opening it says why
     return None if stat.S_ISREG(mode) else _kind(mode)
 

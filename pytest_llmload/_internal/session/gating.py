@@ -6,7 +6,6 @@ needs it; the reasons themselves are pure functions in :mod:`pytest_llmload._int
 
 from __future__ import annotations
 
-import os
 
 import pytest
 

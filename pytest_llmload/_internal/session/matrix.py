@@ -17,11 +17,39 @@ def item_spec(item: pytest.Item) -> LLMSpec | None:
 
 def matrix_ids(cells: list[LLMSpec]) -> list[str]:
     """Readable test ids, unique: cells whose labels collide get a short hash of what tells them apart."""
+    labels = [c.id for c in cells]
+    return [_hashed_id(c) if labels.count(c.id) > 1 else c.id for c in cells]
+
+
+def _hashed_id(cell: LLMSpec) -> str:
     import hashlib
 
-    labels = [c.id for c in cells]
-    return [f"{c.id}-{hashlib.sha1(c.key.encode()).hexdigest()[:6]}" if labels.count(c.id) > 1 else c.id
-            for c in cells]
+    return f"{cell.id}-{hashlib.sha1(cell.key.encode()).hexdigest()[:6]}"
+
+
+class CellIds:
+    """Each cell's id for the whole session, fixed the first time the session meets the cell, so every test
+    of a cell and the load report name it alike (the report's ``id`` is the test id's cell part).
+
+    Cells whose labels collide get a short hash (as :func:`matrix_ids`), also where one test's own matrix
+    holds only one of them; a cell met later whose label is taken gets the hash, the first keeps its id.
+    Every process collects the same tests in the same order, so xdist workers agree."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, str] = {}  # cell key -> id
+        self._taken: dict[str, str] = {}  # id -> cell key
+
+    def assign(self, cells: list[LLMSpec]) -> list[str]:
+        new = [c for c in dict.fromkeys(cells) if c.key not in self.ids]
+        for cell, plain in zip(new, matrix_ids(new)):
+            if plain in self._taken:
+                plain = _hashed_id(cell)
+            self.ids[cell.key] = plain
+            self._taken[plain] = cell.key
+        return [self.ids[c.key] for c in cells]
+
+    def __call__(self, cell: LLMSpec) -> str:
+        return self.ids.get(cell.key) or self.assign([cell])[0]
 
 
 class Matrix:
@@ -30,6 +58,8 @@ class Matrix:
     def __init__(self, options, on_need=None) -> None:
         self.options = options
         self.on_need = on_need or (lambda what: None)  # told of markers/cells that need a lazy plugin
+        self.ids = CellIds()
+        self.ids.assign(self.cells())  # the configured matrix first: its collisions are known up front
 
     def default_spec(self) -> LLMSpec:
         o = self.options
@@ -64,7 +94,7 @@ class Matrix:
         cells = self.cells(axes)
         if any(c.device_map_spec.kind == "tp" for c in cells):
             self.on_need("tp")
-        metafunc.parametrize("llm_spec", cells, ids=matrix_ids(cells), indirect=True)
+        metafunc.parametrize("llm_spec", cells, ids=self.ids.assign(cells), indirect=True)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:

@@ -35,6 +35,7 @@ class LLMLoadSession:
         self.gate = Gate(options, self.reporter, config.stash.get(WORKER_NOTE, None))
         self._lazy: dict[str, object] = {}
         self.matrix = Matrix(options, self.need)
+        self.reporter.cell_id = self.matrix.ids  # the report names each cell as its tests' ids do
         self.affinity = None
         if config.pluginmanager.hasplugin("xdist") and (
                 hasattr(config, "workerinput") or getattr(config.option, "numprocesses", None)):

@@ -67,7 +67,7 @@ class VirtualGpusMarker:
                 fleet.__enter__()
                 item.stash[_TEST_FLEET] = fleet
             elif running.specs != fleet.cards:  # fleets do not nest; the session's one serves if it is the same
-                from pytest_llmload.fixtures import SESSION_KEY
+                from pytest_llmload._internal.session import SESSION_KEY
 
                 reason = (f"needs virtual GPUs {describe_fleet(fleet.cards)}; this session runs on virtual GPUs "
                           f"{describe_fleet(running.specs)} (fleets do not nest)")
