@@ -573,8 +573,23 @@ def bench_cli(bench):
 
 STEPS = (("startup", bench_startup), ("load", bench_load), ("reuse", bench_reuse), ("release", bench_release),
          ("planner", bench_planner), ("strategies", bench_strategies), ("virtual", bench_virtual),
-         ("tp", bench_tp), ("xdist", bench_xdist), ("process", bench_load_process), ("cli", bench_cli))  # run order
+         ("tp", bench_tp), ("xdist", bench_xdist), ("process", bench_load_process), ("cli", bench_cli),
+         ("calibration", bench_calibration))  # run order
 _CHECKPOINT_STEPS = {"load", "reuse", "release", "virtual", "process"}  # steps that time the shared checkpoint
+
+
+def bench_calibration(bench):
+    """Every prediction against what a load really allocates (benchmarks/calibration.py): one table."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import calibration
+
+    table = calibration.run(quick=bench.args.quick)
+    if not bench.args.json:
+        table.print()
+    for row in table.rows:
+        bench.rows.append({"name": f"calibration: {row['name']}", "predicted": row["predicted"],
+                           "measured": row["measured"], "ratio": row["ratio"], "target": row["target"],
+                           "met": row["ok"]})
 
 
 def main(argv=None) -> int:

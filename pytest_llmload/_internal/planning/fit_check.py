@@ -59,22 +59,52 @@ def bytes_per_device(device_map: dict[str, Any], sizes: dict[str, int]) -> dict[
     return need
 
 
+ALLOCATOR_ROUNDING = 512  # CUDA's caching allocator rounds every block up to a multiple of 512 bytes
+
+
+def allocator_padding(network: Any, quantized: bool) -> dict[str, int]:
+    """Bytes the allocator adds per module name (``""``: the whole model) when each tensor is rounded up to
+    :data:`ALLOCATOR_ROUNDING`: measured on a virtual card, it made the fit check's need up to 1.7% lower than
+    ``memory_allocated`` after the load (calibration). A quantized tensor (still a float tensor on the meta
+    device) counts the most it can add."""
+    padding: dict[str, int] = {}
+    seen: set[int] = set()
+    tensors = list(network.named_parameters(remove_duplicate=False)) + list(network.named_buffers(remove_duplicate=False))
+    for name, tensor in tensors:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        extra = ALLOCATOR_ROUNDING - 1 if quantized else -(tensor.numel() * tensor.element_size()) % ALLOCATOR_ROUNDING
+        parts = name.split(".")
+        for depth in range(len(parts)):
+            prefix = ".".join(parts[:depth])
+            padding[prefix] = padding.get(prefix, 0) + extra
+    return padding
+
+
 def cell_need(spec: LLMSpec, free: dict[int | str, int]) -> dict[int | str, int]:
-    """Bytes per device the cell's weights take once loaded, planned from the config (no weights)."""
+    """Bytes per device the cell's weights take once loaded (each tensor rounded up as the allocator does),
+    planned from the config (no weights)."""
+    from pytest_llmload._internal.config.specs import QUANTIZED_PRECISIONS, parse_device_map
     from pytest_llmload._internal.loading.placement import resolve_device_map
     from pytest_llmload._internal.planning.planner import meta_model, module_sizes, plan_device_map
-    from pytest_llmload._internal.config.specs import parse_device_map
 
     kind = spec.device_map_spec.kind
+    network, quantizer = meta_model(spec.model_spec, spec.precision)
+    padding = allocator_padding(network, spec.precision in QUANTIZED_PRECISIONS)
     if kind == "strategy":
         gpus = [free[d] for d in sorted(d for d in free if isinstance(d, int))]
         plan = plan_device_map(
             spec.model_spec, spec.device_map_spec.value, precision=spec.precision,
             max_memory=spec.max_memory_dict, gpus=gpus or None, cpu_memory=free.get("cpu"),
         )
-        return dict(plan.bytes_per_device)
-    network, quantizer = meta_model(spec.model_spec, spec.precision)
+        need = dict(plan.bytes_per_device)
+        for device, extra in bytes_per_device(plan.device_map, padding).items():
+            if device in need:
+                need[device] += extra
+        return need
     sizes = module_sizes(network, quantizer=quantizer)
+    sizes = {name: size + padding.get(name, 0) for name, size in sizes.items()}
     # tp: each rank holds at most one whole copy on its own device, as under ``process`` (an upper bound)
     map_spec = parse_device_map("process") if kind == "tp" else spec.device_map_spec
     return bytes_per_device(resolve_device_map(map_spec), sizes)
