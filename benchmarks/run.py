@@ -571,13 +571,6 @@ def bench_cli(bench):
               note=heavy.replace("HEAVY", "imported:"))
 
 
-STEPS = (("startup", bench_startup), ("load", bench_load), ("reuse", bench_reuse), ("release", bench_release),
-         ("planner", bench_planner), ("strategies", bench_strategies), ("virtual", bench_virtual),
-         ("tp", bench_tp), ("xdist", bench_xdist), ("process", bench_load_process), ("cli", bench_cli),
-         ("calibration", bench_calibration))  # run order
-_CHECKPOINT_STEPS = {"load", "reuse", "release", "virtual", "process"}  # steps that time the shared checkpoint
-
-
 def bench_calibration(bench):
     """Every prediction against what a load really allocates (benchmarks/calibration.py): one table."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -590,6 +583,13 @@ def bench_calibration(bench):
         bench.rows.append({"name": f"calibration: {row['name']}", "predicted": row["predicted"],
                            "measured": row["measured"], "ratio": row["ratio"], "target": row["target"],
                            "met": row["ok"]})
+
+
+STEPS = (("startup", bench_startup), ("load", bench_load), ("reuse", bench_reuse), ("release", bench_release),
+         ("planner", bench_planner), ("strategies", bench_strategies), ("virtual", bench_virtual),
+         ("tp", bench_tp), ("xdist", bench_xdist), ("process", bench_load_process), ("cli", bench_cli),
+         ("calibration", bench_calibration))  # run order
+_CHECKPOINT_STEPS = {"load", "reuse", "release", "virtual", "process"}  # steps that time the shared checkpoint
 
 
 def main(argv=None) -> int:
