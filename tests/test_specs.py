@@ -206,3 +206,14 @@ def test_hostile_map_files_are_one_line_in_pytest_and_the_cli(pytester, hostile_
         cli = subprocess.run([sys.executable, "-m", "pytest_llmload", "validate", "builtin:tiny-llama", f"@{path}",
                               "--gpus", "2"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         assert cli.returncode == 2 and message in cli.stderr and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+
+
+def test_budgets_parsed_once_are_given_back_as_they_are():
+    """A cell's budgets were parsed again by make_spec, prepare_load and the planner (issue 23)."""
+    from pytest_llmload._internal.config.specs import Budgets, parse_max_memory
+
+    budgets = parse_max_memory("0=1GiB,cpu=2GiB")
+    assert isinstance(budgets, Budgets) and budgets == {0: 2**30, "cpu": 2 * 2**30}
+    assert parse_max_memory(budgets) is budgets
+    cell = make_spec("builtin:tiny-llama", "auto", "fp32", budgets)
+    assert isinstance(cell.max_memory_dict, Budgets) and cell.max_memory_dict == budgets

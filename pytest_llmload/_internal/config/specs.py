@@ -295,8 +295,15 @@ def parse_model(value: Any, *, base: str | os.PathLike | None = None) -> ModelSp
     return ModelSpec("hub", text, text.rsplit("/", 1)[-1])
 
 
+class Budgets(dict):
+    """Per-device budgets already parsed (``{0: bytes, "cpu": bytes}``): :func:`parse_max_memory` gives them
+    back as they are, so a value read once from the options or a cell is not parsed again downstream."""
+
+
 def parse_max_memory(value: Any) -> dict[int | str, int] | None:
     """Parse per-device budgets: ``"0=20GiB,1=20GiB,cpu=64GiB"`` or a dict -> ``{0: bytes, 1: ..., "cpu": ...}``."""
+    if isinstance(value, Budgets):
+        return value or None
     if value is None or value == "" or value == {}:
         return None
     items: Iterable[tuple[Any, Any]]
@@ -331,7 +338,7 @@ def parse_max_memory(value: Any) -> dict[int | str, int] | None:
             budget[device] = parse_size(size)
         except LLMLoadUsageError as exc:
             raise LLMLoadUsageError(f"invalid max memory {value!r}: {exc}") from None
-    return budget or None
+    return Budgets(budget) if budget else None
 
 
 def split_values(values: Iterable[str]) -> list[str]:
@@ -376,7 +383,7 @@ class LLMSpec:
 
     @property
     def max_memory_dict(self) -> dict | None:
-        return dict(self.max_memory) if self.max_memory else None
+        return Budgets(self.max_memory) if self.max_memory else None
 
     @property
     def key(self) -> str:
