@@ -4,13 +4,12 @@ files' headers, read with bounds (the footprint baseline keys checkpoints outsid
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from pytest_llmload._internal.config.specs import _HUB_ID_RE  # what a hub id looks like: one definition
 from pytest_llmload._internal.loading.safety import DamagedFile, open_regular, parse_json
 
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$", re.ASCII)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _MAX_SAFETENSORS_HEADER = 100 * 2**20  # safetensors' own limit on its JSON header

@@ -85,20 +85,6 @@ def cell_placement(spec: Any) -> Placement:
     return placement(spec.precision, spec.device_map_spec, spec.max_memory)
 
 
-def quantized_map_problem(precision: str, device_map: Any) -> str | None:
-    """Why a bitsandbytes precision cannot honour ``device_map`` (a value as ``from_pretrained`` gets it) as
-    asked, or None.
-
-    bitsandbytes keeps modules placed on cpu/disk in fp32 when other modules are on a GPU
-    (``llm_int8_enable_fp32_cpu_offload``). Without any GPU in the map that would leave nothing
-    quantized, so such a cell is refused rather than silently loaded as a float model.
-    """
-    from pytest_llmload._internal.config.specs import parse_device_map
-
-    map_spec = None if device_map is None else parse_device_map(device_map)
-    return placement(precision, map_spec, None).quantized_problem(precision)
-
-
 def virtual_gpus_running() -> bool:
     from pytest_llmload._internal.hardware import virtual_gpus_now
 

@@ -38,7 +38,7 @@ class Runner:
 def parse_runners(text: str) -> list[Runner]:
     """``"cpu,1x24GiB,2x80GiB@9.0"`` -> runner profiles (a bad one is one usage-error line). Each GPU runner is
     an item of the one card-spec grammar; two runners that parse to the same cards are one runner named twice."""
-    from pytest_llmload._internal.config.numbers import CardGroup, parse_cards
+    from pytest_llmload._internal.config.numbers import parse_cards
 
     runners: list[Runner] = []
     seen: dict[object, str] = {}
@@ -49,7 +49,7 @@ def parse_runners(text: str) -> list[Runner]:
             runner = Runner("cpu")
         else:
             (group,) = parse_cards(item, "--llm-coverage runner", accepted=ACCEPTED)
-            key = CardGroup(group.count, group.size, group.capability)
+            key = group  # two spellings of the same cards are one runner
             runner = Runner(item, tuple(GPU(i, f"{item} runner", group.size, group.size, group.capability)
                                         for i in range(group.count)))
         if key in seen:
