@@ -571,6 +571,36 @@ def bench_cli(bench):
               note=heavy.replace("HEAVY", "imported:"))
 
 
+LEAK_SUITE = """
+import pytest, torch
+
+@pytest.mark.parametrize("n", range({count}))
+def test_step(n):
+    x = torch.ones(256, device="cuda:0") * n
+    assert x.shape == (256,)
+"""
+
+
+def bench_leaks(bench):
+    """``--llm-leak-check=tests`` vs ``off`` on a suite of tiny GPU tests (a virtual card): the per-test cost
+    of the check when nothing leaked (target < 2 ms)."""
+    suite = bench.work / "leak-suite"
+    suite.mkdir()
+    count = 30 if bench.args.quick else 400
+    (suite / "test_steps.py").write_text(LEAK_SUITE.format(count=count))
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    times: dict[str, list[float]] = {"tests": [], "off": []}
+    for _ in range(bench.args.repeat):
+        for mode in times:
+            times[mode].append(run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--llm-virtual-gpus=1x64MiB",
+                                    f"--llm-leak-check={mode}"], cwd=suite))
+    import statistics as st
+
+    per_test = [(a - b) * 1000 / count for a, b in zip(times["tests"], times["off"])]
+    bench.add(f"leak check per test ({count} clean GPU tests)", "ms", per_test, target=lambda v: v < 2,
+              target_text="< 2 ms", note=f"median run {st.median(times['tests']):.2f} s vs {st.median(times['off']):.2f} s off")
+
+
 def bench_calibration(bench):
     """Every prediction against what a load really allocates (benchmarks/calibration.py): one table."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -588,7 +618,7 @@ def bench_calibration(bench):
 STEPS = (("startup", bench_startup), ("load", bench_load), ("reuse", bench_reuse), ("release", bench_release),
          ("planner", bench_planner), ("strategies", bench_strategies), ("virtual", bench_virtual),
          ("tp", bench_tp), ("xdist", bench_xdist), ("process", bench_load_process), ("cli", bench_cli),
-         ("calibration", bench_calibration))  # run order
+         ("leaks", bench_leaks), ("calibration", bench_calibration))  # run order
 _CHECKPOINT_STEPS = {"load", "reuse", "release", "virtual", "process"}  # steps that time the shared checkpoint
 
 

@@ -49,6 +49,7 @@ _EXPORTS = {
     "module_footprints": "assertions",
     "assert_int8_trainable": "assertions",
     "assert_outputs_close": "assertions",
+    "assert_matches_golden": "assertions",
     "default_inputs": "assertions",
     "prepare_model_for_int8_training": "assertions",
     "plan_device_map": "_internal.planning.planner",
@@ -58,6 +59,8 @@ _EXPORTS = {
     "parse_fleet": "_internal.planning.planner",
     "LLMLoadError": "errors",
     "LLMLoadUsageError": "errors",
+    "LLMLoadLeakWarning": "errors",
+    "GoldenDeviceClassWarning": "errors",
     "ModelLoadError": "errors",
     "virtual_gpus": "_internal.virtual",
 }

@@ -58,7 +58,7 @@ def llm_private_model(request: pytest.FixtureRequest, llm_spec) -> Iterator[Any]
         model = session.cache.load_private(llm_spec)
     session.note_use(llm_spec)
     yield model
-    session.cache.release_private(model)  # its offload folder goes now, not at the end of the session
+    session.cache.release_private(model, request.node.nodeid)  # its offload folder goes now, not at the end
     del model
     from pytest_llmload._internal.loading.cache import release_memory
 
@@ -70,6 +70,16 @@ def llm_tokenizer(request: pytest.FixtureRequest, llm_spec) -> Any:
     """The tokenizer stored with the current cell's model (cached per model)."""
     with _clean_errors():
         return _session(request).cache.tokenizer(llm_spec)
+
+
+@pytest.fixture
+def llm_golden(request: pytest.FixtureRequest):
+    """``llm_golden.check(name, value, *, atol=None, rtol=None, topk=None, tokenizer=None)``: compare a tensor,
+    a dict of tensors, token ids or text with the golden recorded for this test and device class (recorded
+    by ``--llm-update-goldens``), as ``assert_matches_golden`` does."""
+    from pytest_llmload._internal.session.goldens import GoldenChecker
+
+    return GoldenChecker(_session(request).goldens, request.node)
 
 
 class ModelLoader:

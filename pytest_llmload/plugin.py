@@ -11,6 +11,7 @@ from pytest_llmload.fixtures import (  # noqa: F401
     SESSION_KEY,
     gpu_inventory,
     llm_dist,
+    llm_golden,
     llm_load,
     llm_memory,
     llm_model,

@@ -17,7 +17,7 @@ def test_benchmark_runs_on_tiny_sizes():
     data = json.loads(out.stdout)
     names = [row["name"] for row in data["rows"]]
     for prefix in ("start-up", "load 0M fp32", "load 0M int8", "reuse", "release", "planner: 70B", "strategies",
-                   "xdist -n 2", "load process", "llmload --help"):
+                   "xdist -n 2", "load process", "llmload --help", "leak check per test"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     for row in data["rows"]:
         if "min" in row:  # timed figures; calibration rows are a prediction and a measurement

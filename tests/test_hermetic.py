@@ -78,9 +78,13 @@ def test_the_examples_and_the_cli_send_no_request_on_the_cpu_and_on_a_two_card_f
     with CountingHub() as hub:
         cpu = _run(pytest_cmd, hub.env())
         assert cpu.returncode == 0, cpu.stdout[-3000:] + cpu.stderr[-2000:]
+        assert "leak check" not in cpu.stdout  # the plugin's loads, checked by default: no false alarm
+        # the same run proves the leak check raises no false alarm over the examples: every test checked
         fleet = _run(pytest_cmd + ["--llm-virtual-gpus=2x64MiB", "--llm-device-map=balanced",
-                                   "--llm-max-memory=0=400KiB,1=400KiB"], hub.env())
+                                   "--llm-max-memory=0=400KiB,1=400KiB", "--llm-leak-check=tests",
+                                   "-W", "error::pytest_llmload.errors.LLMLoadLeakWarning"], hub.env())
         assert fleet.returncode == 0, fleet.stdout[-3000:] + fleet.stderr[-2000:]
+        assert "leak check" not in fleet.stdout
         assert "cuda:0" in fleet.stdout and "cuda:1" in fleet.stdout  # the report's per-device bytes
         assert " passed" in fleet.stdout and "failed" not in fleet.stdout
         cli = [sys.executable, "-m", "pytest_llmload"]

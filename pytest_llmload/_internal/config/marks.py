@@ -96,6 +96,11 @@ def virtual_gpus(spec: Any, *, name: Any = None) -> Any:
     return parse_virtual_spec(spec, name)
 
 
+def no_gpu_leak() -> None:
+    """fail if GPU memory allocated after this test's teardown is more than before its setup (--llm-leak-check=tests for every test)"""
+    return None
+
+
 MARKERS: dict[str, Callable[..., Any]] = {
     "llm": llm,
     "requires_gpus": requires_gpus,
@@ -104,6 +109,7 @@ MARKERS: dict[str, Callable[..., Any]] = {
     "virtual_gpus": virtual_gpus,
     "limit_gpu_memory": limit_gpu_memory,
     "requires_world_size": requires_world_size,
+    "no_gpu_leak": no_gpu_leak,
 }
 
 

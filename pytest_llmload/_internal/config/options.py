@@ -31,6 +31,7 @@ from pytest_llmload._internal.config.numbers import is_whole_number, parse_count
 
 DEFAULT_MODEL = "builtin:tiny-llama"
 MAX_DIST_TIMEOUT = 7 * 24 * 3600  # seconds; torch's collectives take the timeout as a C int of milliseconds
+LEAK_CHECK_MODES = ("loads", "tests", "off")
 _ON, _OFF = ("true", "yes", "on"), ("false", "no", "off")  # besides a GPU count (0 = off)
 
 # (option, ini key, help, extra add_option kwargs, ini type, ini default): the one list of options.
@@ -84,6 +85,13 @@ OPTIONS: list[tuple[str, str, str, dict, str, Any]] = [
     ("--llm-emulate-gpu", "llm_emulate_gpu", "make every visible GPU look and act SIZE big (capped with "
      "torch.cuda.set_per_process_memory_fraction; a virtual fleet's cards shrink), e.g. 24GiB",
      dict(metavar="SIZE"), "string", None),
+    ("--llm-leak-check", "llm_leak_check", "loads (default): a model the session cache releases must be "
+     "collected and give its GPU memory back, else a warning naming what keeps it alive (a failure under "
+     "--llm-require-gpus); tests: also every test must leave GPU memory as it found it; off",
+     dict(metavar="MODE"), "string", None),
+    ("--llm-update-goldens", "llm_update_goldens", "record the golden outputs this run computes "
+     "(assert_matches_golden, llm_golden) for this device class instead of comparing with them",
+     dict(action="store_const", const=True), "bool", False),
 ]
 
 
@@ -122,6 +130,8 @@ class Options:
     emulate_gpu: int | None = None
     hub_kernels: bool = False  # --llm-hub-kernels: transformers' own default instead of use_kernels=False
     virtual_gpus: "VirtualGpus | None" = None  # the session's fleet (read_virtual_gpus)
+    leak_check: str = "loads"  # --llm-leak-check: "loads", "tests" or "off"
+    update_goldens: bool = False  # --llm-update-goldens
 
 
 WORKER_NOTE = pytest.StashKey[str]()  # what --llm-gpus-per-worker gave this xdist worker, for the header
@@ -306,7 +316,13 @@ def parse_options(config: pytest.Config) -> Options:
     if coverage and virtual is not None and not virtual.inherited:
         raise LLMLoadUsageError(f"--llm-coverage evaluates runner profiles; leave out {virtual.source} "
                                 f"({virtual.text!r})")
+    leak_text = str(read.scalar("llm_leak_check")[0] or "loads").strip().lower()
+    if leak_text not in LEAK_CHECK_MODES:
+        raise LLMLoadUsageError(f"invalid {read.source('llm_leak_check')} value "
+                                f"{read.scalar('llm_leak_check')[0]!r}: expected one of {', '.join(LEAK_CHECK_MODES)}")
     return Options(
+        leak_check=leak_text,
+        update_goldens=bool(read.scalar("llm_update_goldens")[0]),
         virtual_gpus=virtual,
         coverage=coverage,
         coverage_allow_unrun=bool(read.scalar("llm_coverage_allow_unrun")[0]),

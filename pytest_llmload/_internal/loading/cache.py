@@ -42,6 +42,7 @@ class LoadRecord:
 class CachedModel:
     model: Any
     record: LoadRecord
+    watch: Any = None  # the leak check's weak record of the load (session.leaks.LoadWatch)
 
 
 class ModelCache:
@@ -71,6 +72,7 @@ class ModelCache:
         self._offload_root: str | None = None
         self._finalizer = weakref.finalize(self, _remove_root, None)
         self._private_calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.watch = None  # the session's leak check (session.leaks.LeakCheck), told of each load and release
 
     # -- offload folders -------------------------------------------------------------------
     def offload_root(self) -> str:
@@ -84,8 +86,10 @@ class ModelCache:
             self._finalizer = weakref.finalize(self, _remove_root, self._offload_root)
         return self._offload_root
 
-    def release_private(self, model: Any) -> None:
+    def release_private(self, model: Any, owner: str = "") -> None:
         """Remove the offload folder of a private copy now (its test is over), not when it is collected."""
+        if self.watch is not None:
+            self.watch.release_private(model, owner)
         call = self._private_calls.pop(model, None)
         if call is not None:
             call.release()
@@ -134,6 +138,7 @@ class ModelCache:
         if config is None:
             config = self.check_config(spec, trust_remote_code=trust_remote_code)
         start = time.perf_counter()
+        token = self.watch.before_load() if self.watch is not None else None
         try:
             info = prepare_load(
                 spec.model_spec,
@@ -155,6 +160,8 @@ class ModelCache:
             raise
         kind = "private" if key is None else "reload" if key in self._loaded_keys else "load"
         entry = CachedModel(model, LoadRecord(spec, info, time.perf_counter() - start, kind=kind))
+        if self.watch is not None:
+            entry.watch = self.watch.loaded(token, spec, model, cached=key is not None)
         self.loads += 1
         self.history.append(entry.record)
         if key is not None:  # cached before the callbacks run: a failing callback cannot lose the model
@@ -193,16 +200,21 @@ class ModelCache:
                 raise
         return self._tokenizers[model]
 
-    def evict(self, key: tuple) -> None:
+    def evict(self, key: tuple, why: str = "") -> None:
         entry = self._entries.pop(key)
+        watch = entry.watch
+        if self.watch is not None:
+            self.watch.releasing(watch, why or f"evicted: the session cache holds {self.max_models} model(s)")
         entry.model = None
         del entry
         self.evictions += 1
         release_memory()
+        if self.watch is not None:
+            self.watch.evicted(watch)
 
     def clear(self) -> None:
         while self._entries:
-            self.evict(next(iter(self._entries)))
+            self.evict(next(iter(self._entries)), "at the session's end")
         self._tokenizers.clear()
 
     def close(self) -> None:

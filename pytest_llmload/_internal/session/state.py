@@ -56,6 +56,12 @@ class LLMLoadSession:
             self.coverage = Coverage(config, options, self.reporter)
         if options.max_gpu_peak is not None:
             self.need("max-gpu-peak")
+        from pytest_llmload._internal.session.goldens import Goldens
+        from pytest_llmload._internal.session.leaks import LeakCheck
+
+        self.goldens = Goldens(config, options)  # llm_golden, assert_matches_golden, --llm-update-goldens
+        self.leaks = LeakCheck(options, self.matrix.ids)  # --llm-leak-check, no_gpu_leak
+        self.leaks.release_all = self._release_models
         self._cache = None
         self._regressions: list[str] = []  # footprint regressions of the cells the running test used
 
@@ -63,7 +69,8 @@ class LLMLoadSession:
     def plugins(self) -> dict[str, object]:
         """The plugin objects to register, by name."""
         plugins = {"llmload-session": self, "llmload-matrix": self.matrix, "llmload-gate": self.gate,
-                   "llmload-reporter": self.reporter}
+                   "llmload-reporter": self.reporter, "llmload-goldens": self.goldens,
+                   "llmload-leak-check": self.leaks}
         if self.affinity is not None:
             plugins["llmload-affinity"] = self.affinity
         if self.emulation is not None:
@@ -127,6 +134,8 @@ class LLMLoadSession:
                 hub_kernels=self.options.hub_kernels,
             )
             self._cache.on_load.append(self.reporter.record_load)
+            if self.options.leak_check != "off":
+                self._cache.watch = self.leaks
         return self._cache
 
     # -- what the fixtures ask -------------------------------------------------------------
@@ -147,10 +156,15 @@ class LLMLoadSession:
         if message and message not in self._regressions:
             self._regressions.append(message)
 
+    def _release_models(self) -> None:
+        if self._cache is not None:
+            self._cache.clear()
+
     def close(self) -> None:
         if self.emulation is not None:
             self.emulation.stop()
         if self._cache is not None:
+            self._cache.watch = None  # the leak check reported at the session's end; unconfigure only cleans up
             self._cache.close()
         if self.affinity is not None:
             self.affinity.close()

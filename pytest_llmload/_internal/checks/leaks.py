@@ -1,0 +1,304 @@
+"""What keeps memory alive: GPU counters, the GPU tensors still there, and the referrer chain of an object.
+
+Used by the leak check (``pytest_llmload._internal.session.leaks``). Everything here reads; nothing frees.
+The chain is found by walking ``gc.get_referrers`` breadth first from the object until a *root*: a module
+global, a running function's local, a closure, an ``lru_cache``, a pytest fixture's cached value,
+``gc.garbage`` or the last failure's traceback. It is rendered root first, as a path a reader can follow:
+``global _KEEP of module test_leaks -> [0] -> LlamaForCausalLM``. The walk is costly (it scans every
+object the collector tracks) and runs only when something leaked.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import types
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+_MAX_DEPTH = 14
+_MAX_LEVEL = 1024  # objects followed per level: a wider level is cut (the chain found may then not be the shortest)
+_CHUNK = 256
+_INTERNAL_FILES = ("/pytest_llmload/_internal/", "/_pytest/", "/pluggy/")
+
+
+def gpu_allocated() -> dict[str, int]:
+    """``memory_allocated`` of each GPU this process has initialised (a virtual fleet's cards included),
+    by device name; empty where torch is not imported or CUDA never started (nothing can be on a card)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return {}
+    try:
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return {}
+        return {f"cuda:{index}": torch.cuda.memory_allocated(index) for index in range(torch.cuda.device_count())}
+    except Exception:  # a broken driver is the gate's business, not the leak check's
+        return {}
+
+
+def memory_domain() -> object | None:
+    """What the GPU counters belong to now: the running virtual fleet, the machine's CUDA, or None.
+    Two readings are comparable only within one domain (a test's fleet ends with the test)."""
+    virtual = sys.modules.get("pytest_llmload._internal.virtual.tensor")
+    fleet = virtual.active_fleet if virtual is not None else None
+    if fleet is not None:
+        return fleet
+    return "cuda" if gpu_allocated() else None
+
+
+def clear_gpu_workspaces() -> None:
+    """Give back what CUDA keeps on its own after a first use (cuBLAS workspaces), so a reading counts tensors."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        try:
+            clear()
+        except Exception:
+            pass
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor still alive: how a failure names it."""
+
+    name: str  # the parameter's name for a model's tensor, else ""
+    shape: tuple
+    dtype: str
+    device: str
+    nbytes: int
+
+    def describe(self) -> str:
+        from pytest_llmload._internal.config.numbers import format_size
+
+        label = f"{self.name}: " if self.name else ""
+        return f"{label}tensor{list(self.shape)} {self.dtype} on {self.device}, {format_size(self.nbytes)}"
+
+
+def tensor_info(tensor: Any, name: str = "") -> TensorInfo:
+    try:
+        nbytes = tensor.untyped_storage().nbytes()
+    except Exception:
+        nbytes = tensor.numel() * tensor.element_size()
+    return TensorInfo(name, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""), str(tensor.device), nbytes)
+
+
+def gpu_tensors(exclude: Iterable[int] = ()) -> list[tuple[Any, TensorInfo]]:
+    """Every tensor on a GPU that Python still holds (one per storage), largest first; ``exclude``: ids of
+    tensors that are accounted for (the cached models' weights)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return []
+    skip = set(exclude)
+    seen: set[tuple[str, int]] = set()
+    found = []
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor) or id(obj) in skip:
+            continue
+        try:
+            if obj.device.type != "cuda":
+                continue
+            storage = (str(obj.device), obj.untyped_storage().data_ptr())
+        except Exception:
+            continue
+        if storage in seen:
+            continue
+        seen.add(storage)
+        found.append((obj, tensor_info(obj)))
+    found.sort(key=lambda pair: -pair[1].nbytes)
+    return found
+
+
+# -- the referrer chain ------------------------------------------------------------------------------
+def _module_of_globals(container: Any) -> types.ModuleType | None:
+    if type(container) is not dict:
+        return None
+    name = container.get("__name__")
+    module = sys.modules.get(name) if isinstance(name, str) else None
+    return module if module is not None and getattr(module, "__dict__", None) is container else None
+
+
+def _is_internal_frame(frame: types.FrameType) -> bool:
+    filename = frame.f_code.co_filename.replace("\\", "/")
+    return any(part in filename for part in _INTERNAL_FILES)
+
+
+def _type_name(obj: Any) -> str:
+    cls = type(obj)
+    torch = sys.modules.get("torch")
+    if torch is not None and issubclass(cls, torch.Tensor):  # a virtual card's tensor class is its own
+        return "Parameter" if isinstance(obj, torch.nn.Parameter) else "Tensor"
+    hook = sys.modules.get("accelerate.hooks")
+    if hook is not None and isinstance(obj, getattr(hook, "ModelHook", ())):
+        return f"{cls.__name__} (an accelerate hook)"
+    return cls.__name__
+
+
+def _fixture_root(container: Any) -> str | None:
+    """A pytest FixtureDef holding the object as its cached value."""
+    if type(container).__name__ == "FixtureDef" and type(container).__module__.startswith("_pytest"):
+        where = getattr(container, "baseid", "") or "conftest"
+        return f"fixture {container.argname!r} (scope {container.scope}, {where}): its cached value"
+    return None
+
+
+def _root(container: Any, child: Any, running: Any = ()) -> str | None:
+    """How ``container`` roots the chain (it needs no referrer to stay alive), or None. A frame is a root
+    only while its function runs (``running``: ids of those frames); a finished one is kept by a traceback."""
+    module = _module_of_globals(container)
+    if module is not None:
+        key = next((k for k, v in container.items() if v is child), "?")
+        if module.__name__ == "sys" and key in ("last_value", "last_traceback", "last_exc"):
+            return f"sys.{key} (the last failed test's traceback keeps its frames and their locals)"
+        where = getattr(module, "__file__", None)
+        return f"global {key} of module {module.__name__}" + (f" ({where})" if where else "")
+    if isinstance(container, types.FrameType) and id(container) in running:
+        key = next((k for k, v in container.f_locals.items() if v is child), "?")
+        code = container.f_code
+        return f"local {key} of running function {code.co_name} ({code.co_filename}:{container.f_lineno})"
+    if container is gc.garbage:
+        return "gc.garbage (an uncollectable reference cycle)"
+    fixture = _fixture_root(container)
+    if fixture is not None:
+        return fixture
+    return None
+
+
+def _step(container: Any, child: Any) -> str:
+    """How ``container`` refers to ``child``, as an accessor (``[0]``, ``.model``, ``['key']``)."""
+    if isinstance(container, dict):
+        for key, value in container.items():
+            if value is child:
+                return f".{key}" if isinstance(key, str) and key.isidentifier() else f"[{key!r}]"
+            if key is child:
+                return " (a dict key)"
+        return " (in a dict)"
+    if isinstance(container, (list, tuple)):
+        for index, value in enumerate(container):
+            if value is child:
+                return f"[{index}]"
+    if isinstance(container, (set, frozenset, deque)):
+        return " (in a set)" if not isinstance(container, deque) else " (in a deque)"
+    if isinstance(container, types.CellType):
+        return " (a closure variable)"
+    if isinstance(container, types.FunctionType):
+        return f" (closure of function {container.__qualname__})"
+    if isinstance(container, types.MethodType):
+        return ".__self__"
+    if type(container).__name__ == "_lru_cache_wrapper":
+        name = getattr(container, "__qualname__", "?")
+        return f" (cached by lru_cache function {name})"
+    attrs = getattr(container, "__dict__", None)
+    if isinstance(attrs, dict):
+        for key, value in attrs.items():
+            if value is child:
+                return f".{key}"
+    slots = [s for klass in type(container).__mro__ for s in getattr(klass, "__slots__", ()) if isinstance(s, str)]
+    for slot in slots:
+        if getattr(container, slot, None) is child:
+            return f".{slot}"
+    return f" (held by a {_type_name(container)})"
+
+
+def referrer_chain(target: Any, *, ignore: Iterable[Any] = ()) -> list[str]:
+    """The shortest chain of references from a root to ``target``, root first, one line per hop.
+
+    ``ignore``: objects that refer to the target only because the caller holds it. The caller's frames
+    inside this package, pytest's and pluggy's frames, and this walk's own bookkeeping are ignored.
+    Breadth first, one level at a time: each ``gc.get_referrers`` call scans the whole heap, so a level's
+    objects are asked in chunks of ``_CHUNK`` (a scan for 256 objects costs about 8 scans for one).
+    """
+    objects: dict[int, Any] = {id(target): target}  # everything visited, by id
+    nearer: dict[int, int] = {}  # id(referrer) -> id of the object it refers to (one hop nearer the target)
+    level: list = [target]
+    batches: list = []  # the lists gc.get_referrers returned: they refer to what they hold
+    ignored = {id(item) for item in ignore} | {id(objects), id(batches), id(nearer)}
+    frame = sys._getframe()
+    ignored.add(id(frame))
+    locals_of, running = _running_locals()
+    ignored.update((id(locals_of), id(running)))
+
+    def path_from(first: Any) -> list:
+        path = [first]
+        while path[-1] is not target:
+            path.append(objects[nearer[id(path[-1])]])
+        return path
+
+    try:
+        for _ in range(_MAX_DEPTH):
+            ignored.add(id(level))
+            following: list = []
+            ignored.add(id(following))
+            for start in range(0, len(level), _CHUNK):
+                chunk = level[start:start + _CHUNK]
+                wanted = {id(obj) for obj in chunk}
+                referrers = gc.get_referrers(*chunk)
+                batches.append(referrers)
+                ignored.update((id(referrers), id(chunk), id(wanted)))
+                for container in referrers:
+                    key = id(container)
+                    if key in ignored or key in objects:
+                        continue
+                    if isinstance(container, types.FrameType) and _is_internal_frame(container):
+                        continue
+                    obj = next((r for r in gc.get_referents(container) if id(r) in wanted), None)
+                    if obj is None:
+                        continue
+                    objects[key] = container
+                    nearer[key] = id(obj)
+                    root = _root(container, obj, running)
+                    if root is not None:
+                        return _render(root, path_from(container))
+                    following.append(container)
+            for obj in level:  # a running function's local (its frame may not be an object yet): a root too,
+                if id(obj) in locals_of:  # named after the other roots at the same distance
+                    holder, name = locals_of[id(obj)]
+                    code = holder.f_code
+                    root = f"local {name} of running function {code.co_name} ({code.co_filename}:{holder.f_lineno})"
+                    return _render(root, [None, *path_from(obj)])
+            level = following[:_MAX_LEVEL]
+            if not level:
+                break
+        holders = sorted({_type_name(c) for c in gc.get_referrers(target) if id(c) not in ignored})
+        return [f"no root found within {_MAX_DEPTH} hops (held from C code, e.g. an autograd graph or a C++ "
+                f"cache, or by objects the collector does not track); direct holders: {', '.join(holders[:4]) or 'none'}"]
+    finally:
+        del frame
+        locals_of.clear()
+        running.clear()
+        objects.clear()
+        batches.clear()
+
+
+def _running_locals() -> tuple[dict[int, tuple[types.FrameType, str]], set[int]]:
+    """id(value) -> (frame, name) for the locals of every running function outside this package and pytest,
+    and the ids of every running frame."""
+    found: dict[int, tuple[types.FrameType, str]] = {}
+    running: set[int] = set()
+    for top in sys._current_frames().values():
+        frame = top
+        while frame is not None:
+            running.add(id(frame))
+            if not _is_internal_frame(frame) and frame.f_locals is not frame.f_globals:
+                for name, value in frame.f_locals.items():
+                    found.setdefault(id(value), (frame, name))
+            frame = frame.f_back
+    return found, running
+
+
+def _render(root: str, path: list) -> list[str]:
+    """Root first: ``root`` (which names the root's first hop), then each further hop down to the target as
+    ``-> accessor (type)``. The hop into an object's own ``__dict__`` and into a torch module's
+    ``_modules``/``_parameters``/``_buffers`` is folded into the next accessor."""
+    lines = [root]
+    for holder, obj in zip(path[1:], path[2:]):
+        if getattr(holder, "__dict__", None) is obj:
+            continue
+        if isinstance(obj, dict) and _step(holder, obj) in ("._modules", "._parameters", "._buffers"):
+            continue
+        lines.append(f"-> {_step(holder, obj).strip()} ({_type_name(obj)})")
+    if len(path) == 2:
+        lines[0] += f" ({_type_name(path[-1])})"
+    return lines

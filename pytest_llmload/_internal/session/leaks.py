@@ -1,0 +1,392 @@
+"""The leak check: ``--llm-leak-check=loads|tests|off`` and ``@pytest.mark.no_gpu_leak``.
+
+*loads* (the default): each model the session cache releases (evicted, a ``llm_private_model`` at its
+test's end, every model at the session's end) must be collected, with all its tensors, and give back the
+GPU memory its load allocated. If not, a warning (a failure under ``--llm-require-gpus``) names the cell and
+the chain of references that keeps it alive.
+
+*tests* (and ``no_gpu_leak`` for one test): GPU memory allocated after a test's teardown must equal what it
+was before its setup, less what the session cache and fixtures of a wider scope took in between. A test
+that leaves more fails, listing the GPU tensors still alive and who holds the largest.
+
+A clean test costs two readings of the GPU counters (none where CUDA never started); the collector runs
+only when a reading says something stayed. Nothing here imports torch: the counters are read where torch
+is already imported.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+
+from pytest_llmload.errors import LLMLoadLeakWarning
+
+_WORKER_KEY = "llmload_leaks"
+
+
+@dataclass
+class LoadWatch:
+    """What the check keeps of one load: weak references only, and the GPU memory the load took."""
+
+    cell: str
+    model: weakref.ref
+    tensors: list  # WatchedTensor: each parameter and buffer, one per storage
+    domain: Any  # the fleet or "cuda" the load's memory was counted in (checks.leaks.memory_domain)
+    took: dict = field(default_factory=dict)  # device -> bytes the load added to memory_allocated
+    before_release: dict = field(default_factory=dict)
+    why: str = ""
+
+
+@dataclass
+class WatchedTensor:
+    """One parameter or buffer: a weak reference to the tensor and one to its storage. The collector clears
+    the first when it finds the tensor unreachable, even if a ``__del__`` then resurrects it; the storage's
+    (a C++ weak pointer) expires only when the memory is really freed."""
+
+    name: str
+    tensor: weakref.ref
+    storage: Any  # torch.multiprocessing.reductions.StorageWeakRef
+    data_ptr: int
+    device: str
+
+    def alive(self) -> bool:
+        return self.tensor() is not None or not self.storage.expired()
+
+
+def _tensors_of(model: Any) -> list[WatchedTensor]:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    watched, seen = [], set()
+    try:
+        items = list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers())
+    except Exception:
+        return watched
+    for name, tensor in items:
+        try:
+            if tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            key = (str(tensor.device), storage.data_ptr())
+            if key in seen:
+                continue
+            seen.add(key)
+            watched.append(WatchedTensor(name, weakref.ref(tensor), StorageWeakRef(storage), key[1], key[0]))
+        except (TypeError, RuntimeError):
+            pass
+    return watched
+
+
+def _holders_of(alive: list[WatchedTensor]) -> list[tuple[str, Any]]:
+    """A Python tensor for each storage still allocated: the watched one, or (when the collector cleared its
+    weak reference) one found among every tensor Python holds."""
+    found = [(w.name, tensor) for w in alive if (tensor := w.tensor()) is not None]
+    lost = {(w.device, w.data_ptr): w.name for w in alive if w.tensor() is None}
+    if lost:
+        import gc
+        import sys
+
+        torch = sys.modules["torch"]
+        for obj in gc.get_objects():
+            if issubclass(type(obj), torch.Tensor):
+                try:
+                    key = (str(obj.device), obj.untyped_storage().data_ptr())
+                except Exception:
+                    continue
+                if key in lost:
+                    found.append((lost.pop(key), obj))
+    return found
+
+
+class LeakCheck:
+    """The pytest plugin ("llmload-leak-check") and the session cache's watcher."""
+
+    def __init__(self, options, cell_id: Callable[[Any], str] = lambda spec: spec.id) -> None:
+        self.mode = options.leak_check
+        self.strict = bool(options.require_gpus)
+        self.cell_id = cell_id
+        self.cache_held: dict[str, int] = {}  # device -> bytes the cached models' loads took
+        self.fixture_held: dict[int, dict[str, int]] = {}  # id(wider-scoped FixtureDef) -> what its setup took
+        self.pending: list[LoadWatch] = []  # private copies released; checked after their test's teardown
+        self.private: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # private model -> LoadWatch
+        self.held: dict[int, LoadWatch] = {}  # the cached models' watches, by id
+        self.found: list[str] = []  # leaks found where no test can fail (the session's end)
+        self.release_all: Callable[[], None] = lambda: None  # the session's: releases every cached model
+        self._at_end = False
+        self._before: tuple | None = None
+        self._failed: set[str] = set()
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off"
+
+    # -- the cache's side -------------------------------------------------------------------------------
+    def before_load(self) -> tuple:
+        from pytest_llmload._internal.checks.leaks import gpu_allocated, memory_domain
+
+        return memory_domain(), gpu_allocated()
+
+    def loaded(self, token: tuple, spec: Any, model: Any, *, cached: bool) -> LoadWatch | None:
+        from pytest_llmload._internal.checks.leaks import gpu_allocated, memory_domain
+
+        domain, before = token
+        now = gpu_allocated() if memory_domain() is domain else {}
+        took = {device: now[device] - before.get(device, 0) for device in now}
+        try:
+            ref = weakref.ref(model)
+        except TypeError:
+            return None
+        watch = LoadWatch(self.cell_id(spec), ref, _tensors_of(model), domain, took)
+        if cached:
+            self.held[id(watch)] = watch
+            for device, size in took.items():
+                self.cache_held[device] = self.cache_held.get(device, 0) + size
+        else:
+            self.private[model] = watch
+        return watch
+
+    def releasing(self, watch: LoadWatch | None, why: str) -> None:
+        """Called before the cache drops its reference (the GPU reading the release is measured from)."""
+        from pytest_llmload._internal.checks.leaks import gpu_allocated
+
+        if watch is not None:
+            watch.why = why
+            watch.before_release = gpu_allocated()
+
+    def evicted(self, watch: LoadWatch | None) -> None:
+        """The cache dropped a cached model and collected garbage: check it now."""
+        if watch is None:
+            return
+        self.held.pop(id(watch), None)
+        for device, size in watch.took.items():
+            self.cache_held[device] = self.cache_held.get(device, 0) - size
+        if self.on:
+            self._report(self.verify(watch), at_end=self._at_end)
+
+    def release_private(self, model: Any, nodeid: str) -> None:
+        """``llm_private_model``'s teardown let go of its copy; pytest still holds it until the teardown ends."""
+        watch = self.private.pop(model, None)
+        if watch is not None:
+            self.releasing(watch, f"llm_private_model of {nodeid}, at its teardown")
+            self.pending.append(watch)
+
+    # -- the verdict ------------------------------------------------------------------------------------
+    def verify(self, watch: LoadWatch) -> str | None:
+        """None when the model, its tensors and its GPU memory are gone; else the message."""
+        from pytest_llmload._internal.checks.leaks import (
+            clear_gpu_workspaces,
+            gpu_allocated,
+            memory_domain,
+            referrer_chain,
+            tensor_info,
+        )
+        from pytest_llmload._internal.config.numbers import format_size
+
+        model = watch.model()
+        alive = [watched for watched in watch.tensors if watched.alive()]
+        survivors = _holders_of(alive) if alive else []  # (name, tensor) for each storage still allocated
+        missing: dict[str, int] = {}
+        if watch.took and watch.before_release and memory_domain() is watch.domain:
+            now = gpu_allocated()
+            missing = {d: watch.took[d] - (watch.before_release.get(d, 0) - now.get(d, 0)) for d in watch.took}
+            if any(size > 0 for size in missing.values()):
+                clear_gpu_workspaces()  # a first matmul's cuBLAS workspace is CUDA's, not the model's
+                now = gpu_allocated()
+                missing = {d: watch.took[d] - (watch.before_release.get(d, 0) - now.get(d, 0)) for d in watch.took}
+        missing = {d: size for d, size in missing.items() if size > 0}
+        if model is None and not alive and not missing:
+            return None
+        head = f"llm leak check: cell {watch.cell} was released ({watch.why})"
+        memory = [f"still allocated of what its load allocated: " + ", ".join(
+            f"{format_size(size)} on {device}" for device, size in sorted(missing.items()))] if missing else []
+        if model is None and alive and not survivors:
+            lines = [f"{head}; its model was collected but {len(alive)} of its tensors' storages were not "
+                     f"({', '.join(w.name for w in alive[:4])}) and no Python object holds them: an autograd graph "
+                     "or a C++ cache does", *memory]
+            chain = []
+        elif model is not None:
+            lines = [f"{head} but its model ({type(model).__name__}) was not collected", *memory, "kept alive by:"]
+            chain = referrer_chain(model, ignore=(survivors,))
+            del model
+        elif survivors:
+            infos = sorted((tensor_info(t, name) for name, t in survivors), key=lambda info: -info.nbytes)
+            total = format_size(sum(info.nbytes for info in infos))
+            if any(w.tensor() is None for w in alive):
+                what = "its model was resurrected by a __del__ after the collector found it unreachable"
+            else:
+                what = "its model was collected but not all its tensors"
+            lines = [f"{head}; {what}: {len(infos)} tensor(s), {total}, are still alive: "
+                     + ", ".join(i.describe() for i in infos[:3]) + (", ..." if len(infos) > 3 else ""),
+                     *memory, f"{infos[0].name} is kept alive by:"]
+            largest = next(t for name, t in survivors if name == infos[0].name)
+            chain = referrer_chain(largest, ignore=(survivors,))
+        else:
+            lines = [f"{head}; its model and tensors were collected", *memory]
+            chain = self._tensor_holders()
+        if chain and chain[0].startswith("sys.last_"):
+            return None  # pytest keeps the last failure's frames for post-mortem debugging: not the test's leak
+        return "\n".join(lines + [f"  {line}" for line in chain])
+
+    def _tensor_holders(self) -> list[str]:
+        from pytest_llmload._internal.checks.leaks import gpu_tensors, referrer_chain
+
+        alive = gpu_tensors(self._accounted())
+        if not alive:
+            return ["no GPU tensor is held from Python (held from C++: an autograd graph, a CUDA graph or a "
+                    "library's own cache)"]
+        lines = ["GPU tensors still alive: " + ", ".join(info.describe() for _, info in alive[:5])
+                 + (f", and {len(alive) - 5} more" if len(alive) > 5 else ""),
+                 f"the largest ({alive[0][1].describe()}) is kept alive by:"]
+        largest = alive[0][0]
+        del alive
+        return lines + [f"  {line}" for line in referrer_chain(largest)]
+
+    def _accounted(self) -> set[int]:
+        """ids of the tensors of models the cache still holds (their memory is the cache's, not a leak)."""
+        accounted = set()
+        for watch in [*self.held.values(), *self.private.values()]:
+            for watched in watch.tensors:
+                tensor = watched.tensor()
+                if tensor is not None:
+                    accounted.add(id(tensor))
+        return accounted
+
+    def _report(self, message: str | None, *, at_end: bool = False) -> None:
+        if message is None:
+            return
+        if at_end:
+            self.found.append(message)
+        elif self.strict:
+            raise pytest.fail.Exception(message + "\n(a failure under --llm-require-gpus)", pytrace=False)
+        else:
+            warnings.warn_explicit(LLMLoadLeakWarning(message), LLMLoadLeakWarning, "llmload leak check", 0)
+
+    # -- the tests' side --------------------------------------------------------------------------------
+    def _checks(self, item: pytest.Item) -> bool:
+        return self.mode == "tests" or (self.on and item.get_closest_marker("no_gpu_leak") is not None)
+
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_runtest_setup(self, item: pytest.Item):
+        """Read the counters before any fixture (inside a test's own virtual fleet, which starts before)."""
+        self._before = None
+        if self._checks(item):
+            from pytest_llmload._internal.checks.leaks import gpu_allocated, memory_domain
+
+            self._before = (memory_domain(), gpu_allocated(), dict(self.cache_held), self._fixtures_total())
+        return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call):
+        report = yield
+        if report.failed:
+            self._failed.add(item.nodeid)
+        return report
+
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem):
+        result = yield
+        funcargs = getattr(item, "funcargs", None)
+        pending, self.pending = self.pending, []
+        if pending:
+            if isinstance(funcargs, dict):
+                funcargs.pop("llm_private_model", None)  # pytest drops them right after this hook anyway
+            from pytest_llmload._internal.loading.call import release_memory
+
+            release_memory()
+        failed = item.nodeid in self._failed  # its traceback keeps its frames alive: the failure is the news
+        self._failed.discard(item.nodeid)
+        messages = [] if failed else [m for m in (self.verify(w) for w in pending) if m]
+        del pending
+        before, self._before = self._before, None
+        if before is not None and not messages and not failed:
+            message = self._test_leak(item, before)
+            if message:
+                raise pytest.fail.Exception(message, pytrace=False)
+        for message in messages:
+            self._report(message)
+        return result
+
+    def _fixtures_total(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for took in self.fixture_held.values():
+            for device, size in took.items():
+                total[device] = total.get(device, 0) + size
+        return total
+
+    def _test_leak(self, item: pytest.Item, before: tuple) -> str | None:
+        from pytest_llmload._internal.checks.leaks import clear_gpu_workspaces, gpu_allocated, memory_domain
+        from pytest_llmload._internal.config.numbers import format_size
+
+        domain, at_setup, cache_before, fixtures_before = before
+        if domain is None or memory_domain() is not domain:
+            return None
+
+        def left() -> dict[str, int]:
+            now, fixtures = gpu_allocated(), self._fixtures_total()
+            return {d: size for d in now if (size := now[d] - at_setup.get(d, 0)
+                                              - (self.cache_held.get(d, 0) - cache_before.get(d, 0))
+                                              - (fixtures.get(d, 0) - fixtures_before.get(d, 0))) > 0}
+
+        if not left():
+            return None  # the common case: two counter readings and nothing else
+        from pytest_llmload._internal.loading.call import release_memory
+
+        release_memory()  # garbage in reference cycles is not a leak
+        clear_gpu_workspaces()
+        leaked = left()
+        if not leaked:
+            return None
+        amounts = ", ".join(f"{format_size(size)} on {device}" for device, size in sorted(leaked.items()))
+        return "\n".join([f"llm leak check ({'no_gpu_leak' if self.mode != 'tests' else '--llm-leak-check=tests'}): "
+                          f"{item.nodeid} left GPU memory allocated after its teardown that was not before its "
+                          f"setup: {amounts}", *self._tensor_holders()])
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        """What a fixture of a wider scope than the test allocates stays with it, not with the test."""
+        if fixturedef.scope == "function" or self._before is None:
+            return (yield)
+        from pytest_llmload._internal.checks.leaks import gpu_allocated
+
+        start = gpu_allocated()
+        try:
+            return (yield)
+        finally:
+            now = gpu_allocated()
+            took = {d: now[d] - start.get(d, 0) for d in now if now[d] != start.get(d, 0)}
+            if took:
+                self.fixture_held[id(fixturedef)] = took
+
+    def pytest_fixture_post_finalizer(self, fixturedef, request) -> None:
+        self.fixture_held.pop(id(fixturedef), None)
+
+    # -- the session's end ------------------------------------------------------------------------------
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Release every cached model now (not at unconfigure) so what stays alive reaches the summary."""
+        if self.on:
+            self._at_end = True
+            try:
+                self.release_all()
+            finally:
+                self._at_end = False
+        config = session.config
+        if hasattr(config, "workeroutput"):
+            config.workeroutput[_WORKER_KEY] = list(self.found)
+        elif self.found and self.strict:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_testnodedown(self, node, error) -> None:
+        output = getattr(node, "workeroutput", None) or {}
+        self.found.extend(m for m in output.get(_WORKER_KEY, []) if m not in self.found)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.found and not hasattr(terminalreporter.config, "workeroutput"):
+            terminalreporter.section("llmload: leak check", sep="-", red=True)
+            for message in self.found:
+                terminalreporter.write_line(message)
+            if self.strict:
+                terminalreporter.write_line("(--llm-require-gpus: a leak fails the run)")
