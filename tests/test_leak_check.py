@@ -92,7 +92,7 @@ def test_a_planted_leak_is_caught_at_eviction_and_named(pytester, leak, fleet):
 def test_strict_mode_fails_where_the_leak_is_found(pytester):
     _planted(pytester, "global")
     result = pytester.runpytest("--llm-cache-size=1", "--llm-require-gpus", "-p", "no:randomly")
-    result.assert_outcomes(passed=2, errors=1)
+    result.assert_outcomes(passed=3, errors=1)  # the teardown of the test whose setup evicted the model
     result.stdout.fnmatch_lines(["*llm leak check: cell tiny-llama-auto-fp32*not collected*",
                                  "*global _KEEP of module test_planted*"])
 
@@ -211,3 +211,93 @@ def test_gpu_tensors_lists_one_entry_per_storage_largest_first():
         sizes = [info.nbytes for _, info in found]
         assert sizes == sorted(sizes, reverse=True)
         del big, views, small, found
+
+
+NO_FALSE_ALARMS = """
+import pytest, torch
+
+@pytest.fixture
+def wrapped(llm_private_model):  # a user's fixture over the private copy (as a PeftModel wrapper is)
+    return {"model": llm_private_model}
+
+@pytest.mark.llm(models="builtin:tiny-llama", device_maps="balanced", precisions="fp32")
+def test_wrapper_of_a_private_copy(wrapped):
+    assert wrapped["model"] is not None
+
+@pytest.mark.llm(models="builtin:tiny-llama", device_maps="balanced", precisions="fp32")
+def test_evicts_the_model_it_holds(llm_model, llm_load):
+    other = llm_load("builtin:tiny-gpt2", device_map="balanced", precision="fp32")  # cache size 1: evicts llm_model
+    assert llm_model is not other
+
+@pytest.fixture(scope="class")
+def class_tensor():
+    yield torch.ones(2000, device="cuda:0")
+
+class TestClassFixture:
+    def test_a(self, class_tensor):
+        pass
+    def test_b(self, class_tensor):  # the fixture is finalized in this test's teardown
+        pass
+
+@pytest.fixture(scope="session")
+def session_tensor():
+    return torch.ones(1000, device="cuda:1")
+
+@pytest.mark.xfail(reason="known")
+def test_xfail_holding_gpu_memory():
+    x = torch.ones(5000, device="cuda:0")
+    assert False
+
+def test_last_uses_the_session_fixture(session_tensor):
+    pass
+"""
+
+
+def test_no_false_alarm_for_what_pytest_or_wider_fixtures_hold(pytester):
+    pytester.makepyfile(test_quiet=NO_FALSE_ALARMS)
+    result = pytester.runpytest("--llm-virtual-gpus=2x64MiB", "--llm-leak-check=tests", "--llm-cache-size=1",
+                                "-W", "error::pytest_llmload.errors.LLMLoadLeakWarning", "-p", "no:randomly")
+    result.assert_outcomes(passed=5, xfailed=1)
+    assert "leak check" not in result.stdout.str()
+
+
+BLAME = """
+import pytest, torch
+
+TINY = pytest.mark.llm(models="builtin:tiny-llama", device_maps="balanced", precisions="fp32")
+
+class Unreadable:
+    __slots__ = ("x",)
+    def __init__(self, t):
+        self.x = t
+    def __getattribute__(self, name):
+        if name == "x":
+            raise KeyError("nope")
+        return object.__getattribute__(self, name)
+
+HOLD = []
+
+@TINY
+@pytest.mark.no_gpu_leak
+def test_first_leaks_through_an_unreadable_object(llm_model):
+    HOLD.append(Unreadable(torch.ones(256, 256, device="cuda:1")))
+
+@TINY
+@pytest.mark.no_gpu_leak
+def test_second_leaves_gradients_on_the_cached_model(llm_model):
+    ids = torch.tensor([[1, 2, 3, 4]], device="cuda:0")
+    llm_model.lm_head.weight.requires_grad_(True)
+    llm_model(input_ids=ids, labels=ids).loss.backward()
+"""
+
+
+def test_each_report_names_its_own_test_s_tensors(pytester):
+    pytester.makepyfile(test_blame=BLAME)
+    result = pytester.runpytest("--llm-virtual-gpus=2x64MiB", "-p", "no:randomly")
+    result.assert_outcomes(passed=2, errors=2)
+    text = result.stdout.str()
+    first, second = text.split("ERROR at teardown of test_second")
+    assert "-> .x (held by an object whose attributes cannot be read)" not in first or "global HOLD" in first, first
+    assert "global HOLD of module test_blame" in first and "256.0 KiB on cuda:1" in first, first
+    assert "tensor[256, 256]" not in second, second  # the first test's leak is not blamed again
+    assert "the gradient of lm_head.weight of cell tiny-llama-balanced-fp32" in second, second

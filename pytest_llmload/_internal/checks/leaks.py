@@ -154,7 +154,7 @@ def _root(container: Any, child: Any, running: Any = ()) -> str | None:
             return f"sys.{key} (the last failed test's traceback keeps its frames and their locals)"
         where = getattr(module, "__file__", None)
         return f"global {key} of module {module.__name__}" + (f" ({where})" if where else "")
-    if isinstance(container, types.FrameType) and id(container) in running:
+    if type(container) is types.FrameType and id(container) in running:
         key = next((k for k, v in container.f_locals.items() if v is child), "?")
         code = container.f_code
         return f"local {key} of running function {code.co_name} ({code.co_filename}:{container.f_lineno})"
@@ -166,39 +166,55 @@ def _root(container: Any, child: Any, running: Any = ()) -> str | None:
     return None
 
 
+def _safely(describe, container: Any, *args: Any, fallback: Any) -> Any:
+    """An object in the chain may raise on any attribute read (a proxy, a broken __getattribute__)."""
+    try:
+        return describe(container, *args)
+    except Exception:
+        return fallback
+
+
 def _step(container: Any, child: Any) -> str:
     """How ``container`` refers to ``child``, as an accessor (``[0]``, ``.model``, ``['key']``)."""
-    if isinstance(container, dict):
-        for key, value in container.items():
+    kind = type(container)
+    if issubclass(kind, dict):
+        for key, value in dict.items(container):
             if value is child:
                 return f".{key}" if isinstance(key, str) and key.isidentifier() else f"[{key!r}]"
             if key is child:
                 return " (a dict key)"
         return " (in a dict)"
-    if isinstance(container, (list, tuple)):
-        for index, value in enumerate(container):
+    if issubclass(kind, (list, tuple)):
+        for index, value in enumerate(list.__iter__(container) if issubclass(kind, list) else tuple.__iter__(container)):
             if value is child:
                 return f"[{index}]"
-    if isinstance(container, (set, frozenset, deque)):
-        return " (in a set)" if not isinstance(container, deque) else " (in a deque)"
-    if isinstance(container, types.CellType):
+    if issubclass(kind, (set, frozenset, deque)):
+        return " (in a set)" if not issubclass(kind, deque) else " (in a deque)"
+    if kind is types.CellType:
         return " (a closure variable)"
-    if isinstance(container, types.FunctionType):
+    if kind is types.FunctionType:
         return f" (closure of function {container.__qualname__})"
-    if isinstance(container, types.MethodType):
+    if kind is types.MethodType:
         return ".__self__"
-    if type(container).__name__ == "_lru_cache_wrapper":
+    if kind.__name__ == "_lru_cache_wrapper":
         name = getattr(container, "__qualname__", "?")
         return f" (cached by lru_cache function {name})"
-    attrs = getattr(container, "__dict__", None)
-    if isinstance(attrs, dict):
+    try:
+        attrs = object.__getattribute__(container, "__dict__")
+    except Exception:
+        attrs = None
+    if type(attrs) is dict:
         for key, value in attrs.items():
             if value is child:
                 return f".{key}"
-    slots = [s for klass in type(container).__mro__ for s in getattr(klass, "__slots__", ()) if isinstance(s, str)]
+    slots = [s for klass in kind.__mro__ for s in klass.__dict__.get("__slots__", ()) if isinstance(s, str)]
     for slot in slots:
-        if getattr(container, slot, None) is child:
-            return f".{slot}"
+        descriptor = next((k.__dict__[slot] for k in kind.__mro__ if slot in k.__dict__), None)
+        try:
+            if descriptor is not None and descriptor.__get__(container, kind) is child:
+                return f".{slot}"
+        except Exception:
+            continue
     return f" (held by a {_type_name(container)})"
 
 
@@ -220,12 +236,6 @@ def referrer_chain(target: Any, *, ignore: Iterable[Any] = ()) -> list[str]:
     locals_of, running = _running_locals()
     ignored.update((id(locals_of), id(running)))
 
-    def path_from(first: Any) -> list:
-        path = [first]
-        while path[-1] is not target:
-            path.append(objects[nearer[id(path[-1])]])
-        return path
-
     try:
         for _ in range(_MAX_DEPTH):
             ignored.add(id(level))
@@ -241,35 +251,44 @@ def referrer_chain(target: Any, *, ignore: Iterable[Any] = ()) -> list[str]:
                     key = id(container)
                     if key in ignored or key in objects:
                         continue
-                    if isinstance(container, types.FrameType) and _is_internal_frame(container):
+                    if type(container) is types.FrameType and _is_internal_frame(container):
                         continue
                     obj = next((r for r in gc.get_referents(container) if id(r) in wanted), None)
                     if obj is None:
                         continue
                     objects[key] = container
                     nearer[key] = id(obj)
-                    root = _root(container, obj, running)
+                    root = _safely(_root, container, obj, running, fallback=None)
                     if root is not None:
-                        return _render(root, path_from(container))
+                        return _render(root, _path(container, target, objects, nearer))
                     following.append(container)
             for obj in level:  # a running function's local (its frame may not be an object yet): a root too,
                 if id(obj) in locals_of:  # named after the other roots at the same distance
                     holder, name = locals_of[id(obj)]
                     code = holder.f_code
                     root = f"local {name} of running function {code.co_name} ({code.co_filename}:{holder.f_lineno})"
-                    return _render(root, [None, *path_from(obj)])
+                    return _render(root, [None, *_path(obj, target, objects, nearer)])
             level = following[:_MAX_LEVEL]
             if not level:
                 break
-        holders = sorted({_type_name(c) for c in gc.get_referrers(target) if id(c) not in ignored})
-        return [f"no root found within {_MAX_DEPTH} hops (held from C code, e.g. an autograd graph or a C++ "
-                f"cache, or by objects the collector does not track); direct holders: {', '.join(holders[:4]) or 'none'}"]
+        holders = sorted({_safely(_type_name, c, fallback=type(c).__name__) for c in gc.get_referrers(target)
+                          if id(c) not in ignored and c is not frame})
+        return [f"no root within {_MAX_DEPTH} references (a deeper chain, or a holder that only C code reaches: an "
+                f"autograd graph, a C++ cache); what holds it directly: {', '.join(holders[:4]) or 'nothing Python sees'}"]
     finally:
         del frame
         locals_of.clear()
         running.clear()
         objects.clear()
         batches.clear()
+
+
+def _path(first: Any, target: Any, objects: dict, nearer: dict) -> list:
+    """From ``first`` down to ``target``, one object per hop."""
+    path = [first]
+    while path[-1] is not target:
+        path.append(objects[nearer[id(path[-1])]])
+    return path
 
 
 def _running_locals() -> tuple[dict[int, tuple[types.FrameType, str]], set[int]]:
@@ -294,11 +313,12 @@ def _render(root: str, path: list) -> list[str]:
     ``_modules``/``_parameters``/``_buffers`` is folded into the next accessor."""
     lines = [root]
     for holder, obj in zip(path[1:], path[2:]):
-        if getattr(holder, "__dict__", None) is obj:
+        if _safely(lambda h: object.__getattribute__(h, "__dict__"), holder, fallback=None) is obj:
             continue
-        if isinstance(obj, dict) and _step(holder, obj) in ("._modules", "._parameters", "._buffers"):
+        if type(obj) is dict and _safely(_step, holder, obj, fallback="") in ("._modules", "._parameters", "._buffers"):
             continue
-        lines.append(f"-> {_step(holder, obj).strip()} ({_type_name(obj)})")
+        step = _safely(_step, holder, obj, fallback=" (held by an object whose attributes cannot be read)")
+        lines.append(f"-> {step.strip()} ({_safely(_type_name, obj, fallback=type(obj).__name__)})")
     if len(path) == 2:
-        lines[0] += f" ({_type_name(path[-1])})"
+        lines[0] += f" ({_safely(_type_name, path[-1], fallback=type(path[-1]).__name__)})"
     return lines

@@ -39,6 +39,8 @@ class LoadWatch:
     took: dict = field(default_factory=dict)  # device -> bytes the load added to memory_allocated
     before_release: dict = field(default_factory=dict)
     why: str = ""
+    missing: dict | None = None  # device -> bytes of the load's memory not given back (None: not measured yet)
+    deferred: bool = False  # released while a test ran: judged after its teardown, when pytest let go of it
 
 
 @dataclass
@@ -101,6 +103,11 @@ def _holders_of(alive: list[WatchedTensor]) -> list[tuple[str, Any]]:
     return found
 
 
+def _in(tensor: Any, reported: dict) -> bool:
+    ref = reported.get(id(tensor))
+    return ref is not None and ref() is tensor
+
+
 class LeakCheck:
     """The pytest plugin ("llmload-leak-check") and the session cache's watcher."""
 
@@ -116,6 +123,8 @@ class LeakCheck:
         self.found: list[str] = []  # leaks found where no test can fail (the session's end)
         self.release_all: Callable[[], None] = lambda: None  # the session's: releases every cached model
         self._at_end = False
+        self._item: pytest.Item | None = None  # the test running now
+        self._reported: dict[int, weakref.ref] = {}  # GPU tensors a report named already, by id
         self._before: tuple | None = None
         self._failed: set[str] = set()
 
@@ -157,13 +166,19 @@ class LeakCheck:
             watch.before_release = gpu_allocated()
 
     def evicted(self, watch: LoadWatch | None) -> None:
-        """The cache dropped a cached model and collected garbage: check it now."""
+        """The cache dropped a cached model and collected garbage: measure now; judge now, or after the
+        running test's teardown where the model may still be the test's own (a fixture value, a local)."""
         if watch is None:
             return
         self.held.pop(id(watch), None)
         for device, size in watch.took.items():
             self.cache_held[device] = self.cache_held.get(device, 0) - size
-        if self.on:
+        if not self.on or self._measure(watch):
+            return
+        if self._item is not None and not self._at_end:
+            watch.deferred = True
+            self.pending.append(watch)
+        else:
             self._report(self.verify(watch), at_end=self._at_end)
 
     def release_private(self, model: Any, nodeid: str) -> None:
@@ -174,20 +189,11 @@ class LeakCheck:
             self.pending.append(watch)
 
     # -- the verdict ------------------------------------------------------------------------------------
-    def verify(self, watch: LoadWatch) -> str | None:
-        """None when the model, its tensors and its GPU memory are gone; else the message."""
-        from pytest_llmload._internal.checks.leaks import (
-            clear_gpu_workspaces,
-            gpu_allocated,
-            memory_domain,
-            referrer_chain,
-            tensor_info,
-        )
-        from pytest_llmload._internal.config.numbers import format_size
+    def _measure(self, watch: LoadWatch) -> bool:
+        """Read the GPU counters for ``watch.missing``; True when the model, every storage and the memory
+        its load took are gone (the common case: nothing more to do)."""
+        from pytest_llmload._internal.checks.leaks import clear_gpu_workspaces, gpu_allocated, memory_domain
 
-        model = watch.model()
-        alive = [watched for watched in watch.tensors if watched.alive()]
-        survivors = _holders_of(alive) if alive else []  # (name, tensor) for each storage still allocated
         missing: dict[str, int] = {}
         if watch.took and watch.before_release and memory_domain() is watch.domain:
             now = gpu_allocated()
@@ -196,7 +202,22 @@ class LeakCheck:
                 clear_gpu_workspaces()  # a first matmul's cuBLAS workspace is CUDA's, not the model's
                 now = gpu_allocated()
                 missing = {d: watch.took[d] - (watch.before_release.get(d, 0) - now.get(d, 0)) for d in watch.took}
-        missing = {d: size for d, size in missing.items() if size > 0}
+        watch.missing = {d: size for d, size in missing.items() if size > 0}
+        return watch.model() is None and not watch.missing and not any(w.alive() for w in watch.tensors)
+
+    def verify(self, watch: LoadWatch) -> str | None:
+        """None when the model, its tensors and its GPU memory are gone; else the message."""
+        from pytest_llmload._internal.checks.leaks import referrer_chain, tensor_info
+        from pytest_llmload._internal.config.numbers import format_size
+
+        if watch.missing is None:
+            self._measure(watch)
+        model = watch.model()
+        alive = [watched for watched in watch.tensors if watched.alive()]
+        survivors = _holders_of(alive) if alive else []  # (name, tensor) for each storage still allocated
+        if watch.deferred and model is None and not alive:
+            return None  # the running test held it; its memory went with the test's references
+        missing = watch.missing or {}
         if model is None and not alive and not missing:
             return None
         head = f"llm leak check: cell {watch.cell} was released ({watch.why})"
@@ -231,18 +252,44 @@ class LeakCheck:
         return "\n".join(lines + [f"  {line}" for line in chain])
 
     def _tensor_holders(self) -> list[str]:
+        """The GPU tensors Python holds that no cached model owns and no earlier report named, and who holds
+        the largest (a gradient left on a cached model's weight is named as such: C++ holds it)."""
         from pytest_llmload._internal.checks.leaks import gpu_tensors, referrer_chain
 
-        alive = gpu_tensors(self._accounted())
+        from pytest_llmload._internal.checks.leaks import tensor_info
+
+        grads = self._gradients()  # C++ holds them: no Python object until asked for, so not in gpu_tensors
+        alive = [(t, info) for t, info in gpu_tensors(self._accounted()) if not _in(t, self._reported)]
+        seen = {id(t) for t, _ in alive}
+        alive += [(g, tensor_info(g)) for g, _ in grads.values() if id(g) not in seen and not _in(g, self._reported)
+                  and g.device.type == "cuda"]
+        alive.sort(key=lambda pair: -pair[1].nbytes)
+        grads = {key: name for key, (_, name) in grads.items()}
         if not alive:
-            return ["no GPU tensor is held from Python (held from C++: an autograd graph, a CUDA graph or a "
-                    "library's own cache)"]
-        lines = ["GPU tensors still alive: " + ", ".join(info.describe() for _, info in alive[:5])
-                 + (f", and {len(alive) - 5} more" if len(alive) > 5 else ""),
-                 f"the largest ({alive[0][1].describe()}) is kept alive by:"]
+            return ["no GPU tensor that Python holds is new (held from C++: an autograd graph, a CUDA graph or "
+                    "a library's own cache)"]
+        lines = ["GPU tensors still alive: " + ", ".join(
+            (f"{grads[id(t)]}: " if id(t) in grads else "") + info.describe() for t, info in alive[:5])
+            + (f", and {len(alive) - 5} more" if len(alive) > 5 else ""),
+            f"the largest ({alive[0][1].describe()}) is kept alive by:"]
         largest = alive[0][0]
+        for tensor, _ in alive:  # a later test's report does not blame these again
+            self._reported[id(tensor)] = weakref.ref(tensor)
         del alive
+        if id(largest) in grads:
+            return lines + [f"  {grads[id(largest)]} (autograd keeps it on the weight until zero_grad(set_to_none=True))"]
         return lines + [f"  {line}" for line in referrer_chain(largest)]
+
+    def _gradients(self) -> dict[int, tuple[Any, str]]:
+        """id(gradient) -> (gradient, "the gradient of NAME of cell CELL") for the models the cache holds."""
+        grads = {}
+        for watch in [*self.held.values(), *self.private.values()]:
+            for watched in watch.tensors:
+                tensor = watched.tensor()
+                grad = getattr(tensor, "grad", None) if tensor is not None else None
+                if grad is not None:
+                    grads[id(grad)] = (grad, f"the gradient of {watched.name} of cell {watch.cell}")
+        return grads
 
     def _accounted(self) -> set[int]:
         """ids of the tensors of models the cache still holds (their memory is the cache's, not a leak)."""
@@ -279,20 +326,29 @@ class LeakCheck:
         return (yield)
 
     @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
+        self._item = item
+        try:
+            return (yield)
+        finally:
+            self._item = None
+
+    @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call):
         report = yield
-        if report.failed:
+        if report.failed or hasattr(report, "wasxfail"):  # an xfail's traceback keeps its frames too
             self._failed.add(item.nodeid)
         return report
 
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem):
         result = yield
-        funcargs = getattr(item, "funcargs", None)
         pending, self.pending = self.pending, []
+        if pending or self._before is not None:
+            funcargs = getattr(item, "funcargs", None)
+            if isinstance(funcargs, dict):  # every fixture is finalized; pytest drops these right after this
+                funcargs.clear()  # hook (runtestprotocol): dropped now, they are not mistaken for a leak
         if pending:
-            if isinstance(funcargs, dict):
-                funcargs.pop("llm_private_model", None)  # pytest drops them right after this hook anyway
             from pytest_llmload._internal.loading.call import release_memory
 
             release_memory()
@@ -340,7 +396,7 @@ class LeakCheck:
         if not leaked:
             return None
         amounts = ", ".join(f"{format_size(size)} on {device}" for device, size in sorted(leaked.items()))
-        return "\n".join([f"llm leak check ({'no_gpu_leak' if self.mode != 'tests' else '--llm-leak-check=tests'}): "
+        return "\n".join([f"llm leak check ({'no_gpu_leak' if self.mode != 'tests' else 'tests mode'}): "
                           f"{item.nodeid} left GPU memory allocated after its teardown that was not before its "
                           f"setup: {amounts}", *self._tensor_holders()])
 
