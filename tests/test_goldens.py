@@ -252,7 +252,7 @@ def test_stored_values_come_back_exactly_and_tolerances_follow_the_precision():
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64):
         value = (torch.randn(50, 7, dtype=torch.float64) * 10.0 ** torch.randint(-6, 6, (50, 7))).to(dtype)
-        entry, large = encode(observe("w", {"v": value}, None), "key")
+        entry, large = encode(observe("w", {"v": value}, None), ("t", "n", "cpu"))
         back = decode(json.loads(dumps(entry)), None)["tensors"]["v"]
         assert not large and back.dtype == dtype and torch.equal(back, value), dtype
     assert tolerance("float32", None, None, None)[:2] == (1e-5, 1e-5)
@@ -265,3 +265,197 @@ def test_stored_values_come_back_exactly_and_tolerances_follow_the_precision():
         "  tolerance: exact"]
     assert nearest_class("virtual", {"cuda-sm90": {}, "cpu": {}}) == "cpu"
     assert nearest_class("cuda-sm89", {"cuda-sm80": {}, "cuda-sm90": {}, "cpu": {}}) == "cuda-sm90"
+
+
+# -- what an adversarial review found (each fails without its fix) ---------------------------------------------
+
+def test_infinities_match_only_themselves_and_nan_only_nan():
+    import torch
+
+    from pytest_llmload._internal.checks.golden import compare_tensor
+
+    inf, nan = float("inf"), float("nan")
+    for golden, got in ((inf, inf), (-inf, -inf), (nan, nan), (1.0, 1.0 + 1e-6)):
+        assert compare_tensor("v", torch.tensor([got]), torch.tensor([golden]), 1e3, 1e3, "given") is None, golden
+    for golden, got in ((-inf, 3.0), (inf, -inf), (-inf, inf), (inf, 1e30), (1.0, inf), (nan, 1.0), (1.0, nan),
+                        (inf, nan)):
+        assert compare_tensor("v", torch.tensor([got]), torch.tensor([golden]), 1e3, 1e3, "given"), (golden, got)
+    lines = compare_tensor("v", torch.tensor([3.0, 2.0, 5.0]), torch.tensor([-inf, 1.0, 5.0]), 0.0, 0.0, "given")
+    assert lines[1:3] == ["  max abs diff inf at (0,): got 3, golden -inf", "  also at (1,): abs diff 1, got 2, golden 1"]
+
+
+def _golden_file(tmp_path, goldens: dict, tensors: dict | None = None, metadata: dict | None = None):
+    from safetensors.torch import save_file
+
+    from pytest_llmload._internal.session.golden_files import FORMAT, GoldenFile
+
+    folder = tmp_path / "goldens"
+    folder.mkdir(exist_ok=True)
+    (folder / "test_m.json").write_text(json.dumps({"format": FORMAT, "goldens": goldens}))
+    if tensors is not None:
+        save_file(tensors, str(folder / "test_m.safetensors"), metadata=metadata)
+    return GoldenFile(folder / "test_m.json", "goldens/test_m.json")
+
+
+def test_recording_never_deletes_a_foreign_or_damaged_safetensors_nor_tensors_still_named(tmp_path):
+    import torch
+
+    from pytest_llmload._internal.checks.golden import observe
+    from pytest_llmload._internal.session.golden_files import FORMAT, encode
+
+    small = {("test_new", "x", "cpu"): encode(observe("w", torch.ones(2), None), ("test_new", "x", "cpu"))}
+    file = _golden_file(tmp_path, {}, {"mine": torch.zeros(3)})  # a user's file, where ours would go
+    foreign = file.tensors_path.read_bytes()
+    with pytest.raises(ValueError) as refused:
+        file.merge_and_write(dict(small), "../test_m.py")
+    assert str(refused.value) == ("goldens/test_m.safetensors is not a golden file of pytest-llmload (no format "
+                                  "metadata); move it away")
+    assert file.tensors_path.read_bytes() == foreign and "test_new" not in file.path.read_text()
+    file.tensors_path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"^goldens/test_m.safetensors cannot be read \(SafetensorError: .*\); "
+                                         r"move it away$"):
+        file.merge_and_write(dict(small), "../test_m.py")
+
+    # ours, but without the tensor an entry of a test not run names: kept, and said
+    old = {"kind": "tensor", "dtype": "float32", "shape": [5000], "safetensors": "test_old/big/cpu"}
+    file = _golden_file(tmp_path, {"test_old": {"big": {"cpu": old}}}, {"unnamed": torch.zeros(3)},
+                        {"format": FORMAT})
+    assert file.merge_and_write(dict(small), "../test_m.py") == ['goldens["test_old"]["big"]["cpu"]']
+    assert file.tensors_path.exists() and json.loads(file.path.read_text())["goldens"]["test_old"]["big"]["cpu"] == old
+    file = _golden_file(tmp_path, {}, {"unnamed": torch.zeros(3)}, {"format": FORMAT})
+    assert file.merge_and_write(dict(small), "../test_m.py") == [] and not file.tensors_path.exists()  # ours, unused
+
+
+def test_an_entry_of_the_wrong_structure_is_one_line_that_names_it(tmp_path):
+    from pytest_llmload._internal.session.golden_files import GoldenEntryError
+
+    ids = {"kind": "ids", "ids": [[1, 2, 3, 4]], "scored_from": 2, "topk": [[5, 6], [7, 8]]}  # one level lost
+    file = _golden_file(tmp_path, {
+        "test_a": [1], "test_b": {"x": "cpu"}, "test_c": {"x": {"cpu": "zz"}}, "test_d": {"x": {"cpu": ids}},
+        "test_e": {"x": {"cpu": {"kind": "text", "texts": "ab"}}},
+        "test_f": {"x": {"cpu": {"kind": "tensor", "dtype": "float32", "shape": [3], "data": [0, 1, 2, 3]}}}})
+    expected = {
+        "test_a": 'entry goldens["test_a"] is not an object (golden name -> device class -> entry)',
+        "test_b": 'entry goldens["test_b"]["x"] is not an object (device class -> entry)',
+        "test_c": 'entry goldens["test_c"]["x"]["cpu"] is not an object with a \'kind\'',
+        "test_d": 'entry goldens["test_d"]["x"]["cpu"] is not token ids (',
+        "test_e": 'entry goldens["test_e"]["x"]["cpu"] is not text (',
+        "test_f": 'entry goldens["test_f"]["x"]["cpu"] is not a tensor (',
+    }
+    for test, text in expected.items():
+        with pytest.raises(GoldenEntryError) as bad:
+            file.classes(test, "x")
+            file.read(test, "x", "cpu")
+        assert str(bad.value).startswith(f"goldens/test_m.json: {text}"), str(bad.value)
+        assert str(bad.value).endswith("; fix it or record it again") and "\n" not in str(bad.value)
+
+
+def test_a_name_checked_twice_in_a_test_is_a_usage_error():
+    with pytest.raises(pytest.fail.Exception, match="^no golden 'twice'"):
+        assert_matches_golden("twice", "a")
+    with pytest.raises(pytest.fail.Exception, match=r"^assert_matches_golden\('twice', \.\.\.\): 'twice' was already "
+                       r"checked in this test on device class \S+; give each check of a test its own name$"):
+        assert_matches_golden("twice", "b")
+
+
+def test_record_refuses_a_foreign_or_damaged_safetensors_and_a_repeated_name(pytester):
+    import torch
+    from safetensors.torch import save_file
+
+    body = "import torch\nfrom pytest_llmload import assert_matches_golden\n\ndef test_a():\n    {}\n"
+    pytester.makepyfile(test_user=body.format('assert_matches_golden("x", torch.ones(2))'),
+                        test_broken=body.format('assert_matches_golden("x", torch.ones(2))'),
+                        test_twice=body.format('assert_matches_golden("x", "a"); assert_matches_golden("x", "b")'))
+    pytester.mkdir("goldens")
+    save_file({"mine": torch.zeros(3)}, str(pytester.path / "goldens" / "test_user.safetensors"))
+    pytester.path.joinpath("goldens", "test_broken.safetensors").write_bytes(b"garbage")
+    result = pytester.runpytest(*QUIET, "--llm-update-goldens")
+    result.assert_outcomes(passed=2, failed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines_random([
+        "llmload: goldens NOT written to goldens/test_user.json: goldens/test_user.safetensors is not a golden file "
+        "of pytest-llmload (no format metadata); move it away",
+        "llmload: goldens NOT written to goldens/test_broken.json: goldens/test_broken.safetensors cannot be read "
+        "(SafetensorError: *); move it away",
+        "*assert_matches_golden('x', ...): 'x' was already checked in this test on device class *; give each *",
+    ])
+    assert "Traceback" not in result.stdout.str()
+    assert sorted(p.name for p in pytester.path.joinpath("goldens").iterdir()) == [
+        "test_broken.safetensors", "test_twice.json", "test_user.safetensors"]
+    assert list(_goldens(pytester, "test_twice")["test_a"]["x"]) == ["cpu"]
+
+
+def test_dict_keys_cannot_collide_in_the_safetensors_and_old_names_still_read(tmp_path):
+    import torch
+
+    from pytest_llmload._internal.checks.golden import observe
+    from pytest_llmload._internal.session.golden_files import FORMAT, encode
+
+    big = torch.zeros(5000)
+    first = encode(observe("w", {"k/cpu/j": big}, None), ("test_k", "x", "cpu"))[1]
+    second = encode(observe("w", {"j": big}, None), ("test_k", "x/cpu/k", "cpu"))[1]
+    assert len(set(first) | set(second)) == 2, (first, second)
+    old = {"kind": "tensors", "items": {"j": {"dtype": "float32", "shape": [5000], "safetensors": "test_k/x/cpu/j"}}}
+    file = _golden_file(tmp_path, {"test_k": {"x": {"cpu": old}}}, {"test_k/x/cpu/j": big + 1}, {"format": FORMAT})
+    assert torch.equal(file.read("test_k", "x", "cpu")["tensors"]["j"], big + 1)
+
+
+def test_topk_must_be_below_the_vocabulary():
+    import torch
+
+    from pytest_llmload._internal.checks.golden import observe
+    from pytest_llmload.errors import LLMLoadUsageError
+
+    value = {"ids": torch.tensor([[1, 2, 3]]), "scores": torch.randn(1, 2, 10)}
+    assert len(observe("w", value, 9).topk[0][0]) == 9
+    for topk in (10, 10**9):
+        with pytest.raises(LLMLoadUsageError) as large:
+            observe("w", value, topk)
+        assert str(large.value) == (f"w: topk={topk} is not below the vocabulary's 10 tokens: every token would be in "
+                                    f"the top-{topk} and nothing compared; pass a topk below 10, or None for exact ids")
+
+
+def test_non_finite_values_are_written_as_standard_json_and_both_forms_read(tmp_path):
+    import torch
+
+    from pytest_llmload._internal.checks.golden import observe
+    from pytest_llmload._internal.session.golden_files import FORMAT, dumps, encode
+
+    value = torch.tensor([1.5, float("nan"), float("inf"), float("-inf")])
+    entry = encode(observe("w", value, None), ("t", "n", "cpu"))[0]
+    assert entry["data"] == [1.5, "nan", "inf", "-inf"]
+    text = dumps(entry)
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON: {name}"))
+    bare = {**entry, "data": [1.5, float("nan"), float("inf"), float("-inf")]}  # as files had them before
+    file = _golden_file(tmp_path, {"t": {"n": {"cpu": entry}, "bare": {"cpu": bare}}})
+    for name in ("n", "bare"):
+        back = file.read("t", name, "cpu")["tensors"][""]
+        assert torch.equal(back.nan_to_num(), value.nan_to_num()) and back.isnan().tolist() == value.isnan().tolist()
+
+
+def test_messages_say_what_is_missing_and_read_well(tmp_path):
+    from pytest_llmload._internal.checks.golden import tolerance
+    from pytest_llmload._internal.session.golden_files import GoldenEntryError
+
+    entry = {"kind": "tensor", "dtype": "float32", "shape": [5000], "safetensors": "t/n/cpu"}
+    file = _golden_file(tmp_path, {"t": {"n": {"cpu": entry}}})
+    with pytest.raises(GoldenEntryError) as missing:
+        file.read("t", "n", "cpu")
+    assert str(missing.value) == ('goldens/test_m.json: entry goldens["t"]["n"]["cpu"] keeps its values in '
+                                  'goldens/test_m.safetensors, which is missing; record it again')
+    assert tolerance("int64", None, None, None)[2] == "exact for int64 values"
+    assert tolerance("int64", None, 1, None)[2] == "atol given, else exact for int64 values"
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    from pytest_llmload._internal.checks.golden import check_arguments
+    from pytest_llmload.errors import LLMLoadUsageError
+
+    atol, rtol, topk = check_arguments("w", "x", np.float32(0.5), np.int64(0), np.int64(3))
+    assert (atol, rtol, topk) == (0.5, 0.0, 3) and type(atol) is float and type(topk) is int
+    for bad in ({"atol": True}, {"topk": np.float64(3.0)}, {"topk": np.bool_(True)}, {"rtol": np.float64("nan")}):
+        with pytest.raises(LLMLoadUsageError):
+            check_arguments("w", "x", bad.get("atol"), bad.get("rtol"), bad.get("topk"))

@@ -7,6 +7,7 @@ The files next to a test module are ``session/golden_files.py``; the pytest side
 from __future__ import annotations
 
 import collections.abc
+import numbers
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -50,18 +51,22 @@ def usage(where: str, text: str) -> LLMLoadUsageError:
     return LLMLoadUsageError(f"{where}: {text}")
 
 
-def check_arguments(where: str, name: Any, atol: Any, rtol: Any, topk: Any) -> None:
+def check_arguments(where: str, name: Any, atol: Any, rtol: Any, topk: Any) -> tuple:
+    """(atol, rtol, topk) as float, float, int (None stays None); a value not accepted is one line."""
     if not isinstance(name, str) or not name.strip():
         raise usage(where, f"name {name!r} is not accepted; expected a non-empty string, e.g. 'logits'")
     for label, number in (("atol", atol), ("rtol", rtol)):
         if number is None:
             continue
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0 \
+        if isinstance(number, bool) or not isinstance(number, numbers.Real) or not number >= 0 \
                 or number == float("inf"):
             raise usage(where, f"{label}={number!r} is not accepted; expected a finite number >= 0, or None "
                                "for the precision's default")
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, numbers.Integral)
+                             or topk < 1):
         raise usage(where, f"topk={topk!r} is not accepted; expected a whole number >= 1, or None (exact ids)")
+    return (None if atol is None else float(atol), None if rtol is None else float(rtol),
+            None if topk is None else int(topk))
 
 
 def _tensor_type():
@@ -172,7 +177,11 @@ def _ids(where: str, ids: Any, scores: Any, topk: int | None) -> Observed:
     if scores.shape[0] != len(rows) or scores.shape[1] > min(len(r) for r in rows):
         raise usage(where, f"scores of shape {tuple(scores.shape)} do not fit {len(rows)} sequence(s) of "
                            f"{min(len(r) for r in rows)} ids; expected (batch, generated tokens, vocab)")
-    keep = min(max(topk or 0, STORED_TOPK), scores.shape[-1])
+    vocab = scores.shape[-1]
+    if topk is not None and topk >= vocab:
+        raise usage(where, f"topk={topk} is not below the vocabulary's {vocab} tokens: every token would be in the "
+                           f"top-{topk} and nothing compared; pass a topk below {vocab}, or None for exact ids")
+    keep = min(max(topk or 0, STORED_TOPK), vocab)
     observed.topk = scores.topk(keep, dim=-1).indices.tolist()
     observed.scored_from = len(rows[0]) - scores.shape[1]
     return observed
@@ -202,14 +211,13 @@ def tolerance(dtype: str, precision: tuple[str, str] | None, atol: float | None,
     """(atol, rtol, how they were chosen). ``precision``: the cell's or model's (name, where from); else the
     tensor's dtype decides. Integer and bool tensors compare exactly unless given tolerances."""
     if dtype.startswith(("int", "uint", "bool")):
-        name, source = "exact", f"{dtype} values"
-        default = (0.0, 0.0)
+        default, because = (0.0, 0.0), f"exact for {dtype} values"
     else:
         name, source = precision or (DTYPE_PRECISION.get(dtype, "fp32"), f"the tensor's dtype {dtype}")
         default = GOLDEN_TOLERANCE.get(name, GOLDEN_TOLERANCE["fp32"])
+        because = f"the default for {name}: {source}"
     given = [label for label, v in (("atol", atol), ("rtol", rtol)) if v is not None]
-    how = f"the default for {name}: {source}" if not given else (
-        f"{' and '.join(given)} given" + ("" if len(given) == 2 else f", else the default for {name}: {source}"))
+    how = because if not given else f"{' and '.join(given)} given" + ("" if len(given) == 2 else f", else {because}")
     return (default[0] if atol is None else float(atol)), (default[1] if rtol is None else float(rtol)), how
 
 
@@ -223,7 +231,10 @@ def compare_tensor(label: str, got, want, atol: float, rtol: float, how: str) ->
                 f"{_dtype(want)})"]
     g, w = got.double(), want.double()
     diff = (g - w).abs()
-    ok = (g == w) | (diff <= atol + rtol * w.abs()) | (torch.isnan(g) & torch.isnan(w))
+    # infinities match only themselves (same sign), NaN only NaN; the tolerance applies between finite values
+    finite = torch.isfinite(g) & torch.isfinite(w)
+    ok = (g == w) | (finite & (diff <= atol + rtol * torch.where(finite, w.abs(), 0.0))) | (
+        torch.isnan(g) & torch.isnan(w))
     bad = ~ok
     if not bad.any():
         return None
@@ -233,9 +244,9 @@ def compare_tensor(label: str, got, want, atol: float, rtol: float, how: str) ->
     positions = [int(worst.flatten().argmax())] + [int(i) for i in torch.nonzero(bad.flatten())[:3, 0]]
     for number, flat in enumerate(dict.fromkeys(positions)):
         where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), g.shape)) if g.dim() else ()
-        head = "  max abs diff" if number == 0 else "  also at"
-        lines.append(f"{head} {float(diff.flatten()[flat]):.3g} at {where}: got {float(g.flatten()[flat]):.6g}, "
-                     f"golden {float(w.flatten()[flat]):.6g}")
+        values = f"got {float(g.flatten()[flat]):.6g}, golden {float(w.flatten()[flat]):.6g}"
+        lines.append(f"  max abs diff {float(diff.flatten()[flat]):.3g} at {where}: {values}" if number == 0 else
+                     f"  also at {where}: abs diff {float(diff.flatten()[flat]):.3g}, {values}")
     lines.append(f"  tolerance: |got - golden| <= atol + rtol * |golden| with atol {atol:g}, rtol {rtol:g} ({how})")
     if _dtype(got) != _dtype(want):
         lines.append(f"  dtype: got {_dtype(got)}, the golden is {_dtype(want)}")

@@ -37,6 +37,7 @@ class Goldens:
         # path -> {(test, name, device class): (entry, large tensors)}: what this run recorded
         self.recorded: dict[str, dict[tuple[str, str, str], tuple[dict, dict]]] = {}
         self.written: list[str] = []
+        self._checked: dict[str, set[tuple[str, str]]] = {}  # test id -> (name, device class) checked in it
 
     # -- the running test --------------------------------------------------------------------------------
     @pytest.hookimpl(wrapper=True)
@@ -46,18 +47,25 @@ class Goldens:
             return (yield)
         finally:
             _RUNNING.remove((self, item))
+            self._checked.pop(item.nodeid, None)
 
     def check(self, item, name: Any, value: Any, *, atol: Any = None, rtol: Any = None, topk: Any = None,
               tokenizer: Any = None, where: str = "assert_matches_golden") -> None:
         """Compare ``value`` with the golden of (``item``, ``name``, device class), or record it."""
         __tracebackhide__ = True
         from pytest_llmload._internal.checks import golden
+        from pytest_llmload._internal.session.golden_files import GoldenEntryError
 
         try:
-            golden.check_arguments(where, name, atol, rtol, topk)
+            atol, rtol, topk = golden.check_arguments(where, name, atol, rtol, topk)
             observed = golden.observe(f"{where}({name!r}, ...)", value, topk)
             device_class = golden.device_class(observed.device if observed.device is not None
                                                else self._cell_device(item))
+            checked = self._checked.setdefault(item.nodeid, set())
+            if (name, device_class) in checked:  # recording would keep only the last value
+                raise golden.usage(f"{where}({name!r}, ...)", f"{name!r} was already checked in this test on device "
+                                   f"class {device_class}; give each check of a test its own name")
+            checked.add((name, device_class))
         except LLMLoadUsageError as exc:
             raise pytest.fail.Exception(str(exc), pytrace=False) from None
         test = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
@@ -69,33 +77,35 @@ class Goldens:
         shown = self._shown(path)
         if file.error:
             raise pytest.fail.Exception(file.error, pytrace=False)
-        classes = file.classes(test, name)
-        if not classes:
-            raise pytest.fail.Exception(
-                f"no golden {name!r} for {test} on device class {device_class} in {shown}; record it with:\n"
-                f"  {self.record_command(item)}", pytrace=False)
-        used = device_class if device_class in classes else nearest_class(device_class, classes)
-        if used != device_class:
-            warnings.warn(GoldenDeviceClassWarning(
-                f"golden {name!r} of {test}: none recorded for device class {device_class}, compared with the one "
-                f"recorded for {used} ({shown}); record one for {device_class}: {self.record_command(item)}"),
-                stacklevel=3)
-        problems = self._compare(golden, name, observed, classes[used], file, item, atol, rtol, topk, tokenizer)
+        try:
+            classes = file.classes(test, name)
+            if not classes:
+                raise pytest.fail.Exception(
+                    f"no golden {name!r} for {test} on device class {device_class} in {shown}; record it with:\n"
+                    f"  {self.record_command(item)}", pytrace=False)
+            used = device_class if device_class in classes else nearest_class(device_class, classes)
+            if used != device_class:
+                warnings.warn(GoldenDeviceClassWarning(
+                    f"golden {name!r} of {test}: none recorded for device class {device_class}, compared with the one "
+                    f"recorded for {used} ({shown}); record one for {device_class}: {self.record_command(item)}"),
+                    stacklevel=3)
+            problems = self._compare(golden, name, observed, (test, name, used), file, item, atol, rtol, topk,
+                                     tokenizer)
+        except GoldenEntryError as exc:  # an entry of the wrong structure, a missing or foreign safetensors
+            raise pytest.fail.Exception(str(exc), pytrace=False) from None
         if problems:
             origin = f"device class {used}" + (f" (none recorded for {device_class})" if used != device_class else "")
             raise pytest.fail.Exception("\n".join([
                 f"golden {name!r} of {test} does not match, {origin}, in {shown}:", *problems,
                 f"if the new value is right, record it with: {self.record_command(item)}"]), pytrace=False)
 
-    def _compare(self, golden, name, observed, entry, file, item, atol, rtol, topk, tokenizer) -> list[str]:
-        from pytest_llmload._internal.session.golden_files import decode
+    def _compare(self, golden, name, observed, key, file, item, atol, rtol, topk, tokenizer) -> list[str]:
+        from pytest_llmload._internal.session.golden_files import KINDS
 
-        if entry.get("kind") != observed.kind:
-            return [f"it was recorded as {entry.get('kind')}; the value is {observed.kind}"]
-        try:
-            want = decode(entry, file.tensor)
-        except Exception as exc:  # a hand-edited or damaged entry, a missing or damaged safetensors file
-            return [f"its entry cannot be read ({type(exc).__name__}: {exc}); record it again"]
+        kind = file.classes(*key[:2])[key[2]].get("kind")
+        if kind in KINDS and kind != observed.kind:
+            return [f"it was recorded as {kind}; the value is {observed.kind}"]
+        want = file.read(*key)  # GoldenEntryError: what is wrong with the entry, in one line
         if observed.kind == "text":
             return golden.compare_text(name, observed, want) or []
         if observed.kind == "ids":
@@ -159,7 +169,7 @@ class Goldens:
         if path not in self._files:
             from pytest_llmload._internal.session.golden_files import GoldenFile
 
-            self._files[path] = GoldenFile(path)
+            self._files[path] = GoldenFile(path, self._shown(path))
         return self._files[path]
 
     def _shown(self, path: str) -> str:
@@ -187,7 +197,7 @@ class Goldens:
 
         if launched_world().rank != 0:
             return  # under torchrun every rank computes the same goldens; rank 0 writes them
-        entry, blobs = encode(observed, f"{test}/{name}/{device_class}")
+        entry, blobs = encode(observed, (test, name, device_class))
         self.recorded.setdefault(path, {})[(test, name, device_class)] = (entry, blobs)
 
     # -- the end of the session: workers send, the controller (or a lone process) writes ---------------------
@@ -213,14 +223,18 @@ class Goldens:
         for path, entries in sorted(self.recorded.items()):
             file = self._file(path)
             try:
-                file.merge_and_write(entries, f"../{os.path.basename(path)[:-len('.json')]}.py")
-            except (OSError, ValueError) as exc:
+                lacking = file.merge_and_write(entries, f"../{os.path.basename(path)[:-len('.json')]}.py")
+            except (OSError, ValueError) as exc:  # a safetensors file not ours or damaged, an unwritable folder
                 self.written.append(f"llmload: goldens NOT written to {self._shown(path)}: {exc}")
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
                 continue
             classes = sorted({key[2] for key in entries})
             self.written.append(f"llmload: recorded {len(entries)} golden{'s' if len(entries) != 1 else ''} "
                                 f"({', '.join(classes)}) in {self._shown(path)}")
+            if lacking:
+                self.written.append(f"llmload: {file.tensors_shown} lacks the tensors of {len(lacking)} golden"
+                                    f"{'s' if len(lacking) != 1 else ''} kept from before ({', '.join(lacking)}): "
+                                    "record them again")
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         for line in self.written:
