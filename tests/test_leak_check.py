@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmload._internal.checks.leaks import gpu_tensors, referrer_chain
+from pytest_llmload._internal.checks.leaks import gpu_tensors
+from pytest_llmload._internal.checks.referrers import referrer_chain
 
 # Each planted leak keeps the first cell's model (or one of its tensors) alive in its own way.
 LEAKS = {

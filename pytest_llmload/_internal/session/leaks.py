@@ -18,89 +18,14 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pytest
 
+from pytest_llmload._internal.checks.leaks import LoadWatch, storage_holders, watched_tensors
 from pytest_llmload.errors import LLMLoadLeakWarning
 
 _WORKER_KEY = "llmload_leaks"
-
-
-@dataclass
-class LoadWatch:
-    """What the check keeps of one load: weak references only, and the GPU memory the load took."""
-
-    cell: str
-    model: weakref.ref
-    tensors: list  # WatchedTensor: each parameter and buffer, one per storage
-    domain: Any  # the fleet or "cuda" the load's memory was counted in (checks.leaks.memory_domain)
-    took: dict = field(default_factory=dict)  # device -> bytes the load added to memory_allocated
-    before_release: dict = field(default_factory=dict)
-    why: str = ""
-    missing: dict | None = None  # device -> bytes of the load's memory not given back (None: not measured yet)
-    deferred: bool = False  # released while a test ran: judged after its teardown, when pytest let go of it
-
-
-@dataclass
-class WatchedTensor:
-    """One parameter or buffer: a weak reference to the tensor and one to its storage. The collector clears
-    the first when it finds the tensor unreachable, even if a ``__del__`` then resurrects it; the storage's
-    (a C++ weak pointer) expires only when the memory is really freed."""
-
-    name: str
-    tensor: weakref.ref
-    storage: Any  # torch.multiprocessing.reductions.StorageWeakRef
-    data_ptr: int
-    device: str
-
-    def alive(self) -> bool:
-        return self.tensor() is not None or not self.storage.expired()
-
-
-def _tensors_of(model: Any) -> list[WatchedTensor]:
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    watched, seen = [], set()
-    try:
-        items = list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers())
-    except Exception:
-        return watched
-    for name, tensor in items:
-        try:
-            if tensor.device.type == "meta":
-                continue
-            storage = tensor.untyped_storage()
-            key = (str(tensor.device), storage.data_ptr())
-            if key in seen:
-                continue
-            seen.add(key)
-            watched.append(WatchedTensor(name, weakref.ref(tensor), StorageWeakRef(storage), key[1], key[0]))
-        except (TypeError, RuntimeError):
-            pass
-    return watched
-
-
-def _holders_of(alive: list[WatchedTensor]) -> list[tuple[str, Any]]:
-    """A Python tensor for each storage still allocated: the watched one, or (when the collector cleared its
-    weak reference) one found among every tensor Python holds."""
-    found = [(w.name, tensor) for w in alive if (tensor := w.tensor()) is not None]
-    lost = {(w.device, w.data_ptr): w.name for w in alive if w.tensor() is None}
-    if lost:
-        import gc
-        import sys
-
-        torch = sys.modules["torch"]
-        for obj in gc.get_objects():
-            if issubclass(type(obj), torch.Tensor):
-                try:
-                    key = (str(obj.device), obj.untyped_storage().data_ptr())
-                except Exception:
-                    continue
-                if key in lost:
-                    found.append((lost.pop(key), obj))
-    return found
 
 
 def _in(tensor: Any, reported: dict) -> bool:
@@ -148,7 +73,7 @@ class LeakCheck:
             ref = weakref.ref(model)
         except TypeError:
             return None
-        watch = LoadWatch(self.cell_id(spec), ref, _tensors_of(model), domain, took)
+        watch = LoadWatch(self.cell_id(spec), ref, watched_tensors(model), domain, took)
         if cached:
             self.held[id(watch)] = watch
             for device, size in took.items():
@@ -207,21 +132,22 @@ class LeakCheck:
 
     def verify(self, watch: LoadWatch) -> str | None:
         """None when the model, its tensors and its GPU memory are gone; else the message."""
-        from pytest_llmload._internal.checks.leaks import referrer_chain, tensor_info
+        from pytest_llmload._internal.checks.leaks import tensor_info
+        from pytest_llmload._internal.checks.referrers import referrer_chain
         from pytest_llmload._internal.config.numbers import format_size
 
         if watch.missing is None:
             self._measure(watch)
         model = watch.model()
         alive = [watched for watched in watch.tensors if watched.alive()]
-        survivors = _holders_of(alive) if alive else []  # (name, tensor) for each storage still allocated
+        survivors = storage_holders(alive) if alive else []  # (name, tensor) for each storage still allocated
         if watch.deferred and model is None and not alive:
             return None  # the running test held it; its memory went with the test's references
         missing = watch.missing or {}
         if model is None and not alive and not missing:
             return None
         head = f"llm leak check: cell {watch.cell} was released ({watch.why})"
-        memory = [f"still allocated of what its load allocated: " + ", ".join(
+        memory = ["still allocated of what its load allocated: " + ", ".join(
             f"{format_size(size)} on {device}" for device, size in sorted(missing.items()))] if missing else []
         if model is None and alive and not survivors:
             lines = [f"{head}; its model was collected but {len(alive)} of its tensors' storages were not "
@@ -254,7 +180,8 @@ class LeakCheck:
     def _tensor_holders(self) -> list[str]:
         """The GPU tensors Python holds that no cached model owns and no earlier report named, and who holds
         the largest (a gradient left on a cached model's weight is named as such: C++ holds it)."""
-        from pytest_llmload._internal.checks.leaks import gpu_tensors, referrer_chain
+        from pytest_llmload._internal.checks.leaks import gpu_tensors
+        from pytest_llmload._internal.checks.referrers import referrer_chain
 
         from pytest_llmload._internal.checks.leaks import tensor_info
 
