@@ -602,11 +602,12 @@ def bench_leaks(bench):
 
 
 def bench_calibration(bench):
-    """Every prediction against what a load really allocates (benchmarks/calibration.py): one table."""
+    """Every prediction against what a load really allocates (benchmarks/calibration.py): one table, on the
+    real card where torch sees one and no fleet runs (``--quick``, the CI smoke run: always the virtual fleet)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import calibration
 
-    table = calibration.run(quick=bench.args.quick)
+    table = calibration.run(quick=bench.args.quick, device="fleet" if bench.args.quick else "auto")
     if not bench.args.json:
         table.print()
     for row in table.rows:

@@ -63,9 +63,14 @@ def test_optimizers_and_checkpointing(llama_7b):
     assert adamw.optimizer / 2 <= eight_bit <= adamw.optimizer / 1.9  # bf16 AdamW: two 2-byte moments
     checkpointed = estimate_training_memory(llama_7b, gradient_checkpointing=True, **base)
     assert checkpointed.activations < adamw.activations / 5
-    tokens = 4 * 2048
-    per_layer = 2 * tokens * (10 * 4096 + 4 * 11008)
-    assert adamw.activations == 32 * per_layer + 4 * tokens * (32000 + 4 * 4096)
+    tokens, h, inner, vocab = 4 * 2048, 4096, 11008, 32000
+    # per token and layer, in bf16: two RMSNorms (an fp32 copy of the input and the normalized bf16 output,
+    # 6h + 4 each), the input of q/k/v (2h), q, k, v and SDPA's output (8h), its logsumexp (4 x 32 heads), the
+    # input of gate/up (2h), SwiGLU's gate, SiLU's output, up and their product (8I)
+    per_layer = 2 * (6 * h + 4) + 2 * h + 8 * h + 4 * 32 + 2 * h + 8 * inner
+    # outside the layers: the final norm, the head's input, the logits (bf16) and the fp32 log-softmax; backward
+    # adds the loss's two fp32 gradients of the logits' size
+    assert adamw.activations == tokens * (32 * per_layer + 6 * h + 4 + 2 * h + 6 * vocab + 8 * vocab)
 
 
 def test_per_device_totals(llama_7b):
@@ -85,18 +90,38 @@ def test_bad_arguments(llama_7b):
         estimate_training_memory(llama_7b, lora={"r": 8, "target_modules": ["nothing"]})
 
 
+def _config_for_the_cpu(name: str):
+    """The built-in's config with dropout off and T5's attention eager: the CPU's kernels save other tensors than
+    CUDA's there (a 4-byte dropout mask where CUDA keeps 1 byte; SDPA's math path under attention dropout or a
+    trained bias), and the estimate counts CUDA's (as benchmarks/calibration.py measures)."""
+    from transformers import AutoConfig
+
+    from pytest_llmload import builtin_path
+
+    config = AutoConfig.from_pretrained(builtin_path(name))
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    if config.model_type == "t5":
+        config._attn_implementation = "eager"
+    return config
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-mixtral"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_estimate_against_a_measured_training_step(name, checkpointing):
-    """Weights, gradients and AdamW state are exact; activations within the stated tolerance."""
-    model = load_model(f"builtin:{name}", device_map="cpu", precision="fp32")
+    """Weights, gradients and AdamW state are exact; without checkpointing the activations autograd saves are
+    within the stated tolerance (with it, what the checkpoint keeps passes no saved-tensor hook: see the
+    virtual-card test below)."""
+    config = _config_for_the_cpu(name)
+    model = load_model(f"builtin:{name}", device_map="cpu", precision="fp32", config=config)
     model.train()
     if checkpointing:
         from pytest_llmload._internal.compat.transformers import enable_activation_checkpointing
 
         enable_activation_checkpointing(model, use_reentrant=False)
     batch, seq = 2, 96
-    estimate = estimate_training_memory(f"builtin:{name}", precision="fp32", batch_size=batch, seq_len=seq,
+    estimate = estimate_training_memory(config, precision="fp32", batch_size=batch, seq_len=seq,
                                         gradient_checkpointing=checkpointing)
     ids = torch.randint(5, 300, (batch, seq), generator=torch.Generator().manual_seed(0))
     saved = saved_activation_bytes(model, {"input_ids": ids, "labels": ids})
@@ -107,7 +132,50 @@ def test_estimate_against_a_measured_training_step(name, checkpointing):
     state = sum(t.nelement() * t.element_size() for s in optimizer.state.values() for k, t in s.items()
                 if k in ("exp_avg", "exp_avg_sq"))
     assert state == estimate.optimizer
-    assert abs(estimate.activations_stored / saved - 1) <= ACTIVATION_TOLERANCE, (estimate.activations_stored, saved)
+    if not checkpointing:
+        assert abs(estimate.activations_stored / saved - 1) <= ACTIVATION_TOLERANCE, (estimate.activations_stored, saved)
+
+
+@pytest.mark.parametrize("name, lora, checkpointing", [
+    ("tiny-bert", {"r": 8}, False), ("tiny-t5", {"r": 8}, False), ("tiny-t5", None, True),
+    ("tiny-llama", None, True),
+])
+def test_activations_within_15_percent_of_a_virtual_card(name, lora, checkpointing):
+    """What a forward leaves on a virtual card and the peak of forward + backward above the gradients, every
+    aten-level tensor charged (the fleet's backward mode, pushed for the forward too): the estimate within 15%.
+    The old per-layer e*b*s*(10h + 4I), counted whole under LoRA, was 3.0x over for BERT with LoRA, 2x for T5."""
+    from peft import LoraConfig, get_peft_model
+
+    from pytest_llmload import virtual_gpus
+    from pytest_llmload._internal.compat.transformers import enable_activation_checkpointing
+    from pytest_llmload._internal.virtual.tensor import AutogradOnCards
+
+    config, batch, seq = _config_for_the_cpu(name), 2, 64
+    estimate = estimate_training_memory(config, precision="fp32", batch_size=batch, seq_len=seq, lora=lora,
+                                        gradient_checkpointing=checkpointing)
+    extra = {"attn_implementation": config._attn_implementation} if config._attn_implementation else {}
+    with virtual_gpus("1x8GiB"):
+        model = load_model(f"builtin:{name}", device_map={"": 0}, precision="fp32", config=config, **extra)
+        if lora:
+            model = get_peft_model(model, LoraConfig(r=lora["r"]))
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model.train()
+        ids = torch.randint(5, 300, (batch, seq), generator=torch.Generator().manual_seed(0)).to("cuda:0")
+        head = model.get_output_embeddings() is not None
+        for _ in range(2):  # the second step: the gradients exist, as the estimate assumes
+            start = torch.cuda.memory_allocated(0)
+            torch.cuda.reset_peak_memory_stats(0)
+            with AutogradOnCards():
+                out = model(input_ids=ids, **({"labels": ids} if head else {}))
+                loss = out.loss if head else out.last_hidden_state.pow(2).mean()
+            stored = torch.cuda.memory_allocated(0) - start
+            loss.backward()
+            peak = torch.cuda.max_memory_allocated(0) - start
+            model.zero_grad(set_to_none=False)
+            del out, loss
+    assert abs(estimate.activations_stored / stored - 1) <= 0.15, (estimate.activations_stored, stored)
+    assert abs(estimate.activations / peak - 1) <= 0.15, (estimate.activations, peak)
 
 
 def test_track_memory_sees_a_cpu_allocation():
