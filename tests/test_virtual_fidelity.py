@@ -363,3 +363,53 @@ def test_a_thread_outside_the_fleet_is_not_told_the_cards_exist():
         done.set()
         worker.join(30)
     assert seen["inside"] == (True, 2)
+
+
+def _rounded(t: torch.Tensor) -> int:
+    return (t.untyped_storage().nbytes() + 511) // 512 * 512  # the card's allocator rounding
+
+
+def test_a_storage_a_composite_op_returns_only_as_a_view_is_charged_to_its_card():
+    with virtual_gpus("1x64MiB"):
+        x = torch.randn(4, 8, 16, device="cuda:0")
+        lin = torch.nn.Linear(16, 32).to("cuda:0")
+        w, b = torch.randn(16, 32, device="cuda:0"), torch.randn(32, device="cuda:0")
+        for forward in (lambda: lin(x),  # F.linear on a 3-D input with a bias: addmm on a reshape, then a view
+                        lambda: torch.addmm(b, x.view(-1, 16), w).view(4, 8, 32)):  # GPT-2's Conv1D
+            before = torch.cuda.memory_allocated(0)
+            y = forward()
+            assert y.device == torch.device("cuda:0")
+            assert torch.cuda.memory_allocated(0) - before == _rounded(y) == 4 * 8 * 32 * 4
+            z = y.view(32, 32)  # a view of a charged storage: no second charge
+            assert torch.cuda.memory_allocated(0) - before == _rounded(y)
+            del y, z
+            assert torch.cuda.memory_allocated(0) == before
+
+
+def test_adamw_on_card_parameters_defaults_to_foreach_as_on_cuda():
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    torch.manual_seed(0)
+    host = [torch.nn.Parameter(torch.randn(1024)) for _ in range(3)]
+    for p in host:
+        p.grad = torch.randn_like(p)
+    with virtual_gpus("1x64MiB"):
+        params = [torch.nn.Parameter(p.detach().to("cuda:0")) for p in host]
+        for p, h in zip(params, host):
+            p.grad = h.grad.to("cuda:0")
+        assert _default_to_fused_or_foreach(params, differentiable=False, use_fused=False) == (False, True)
+        optimizer = torch.optim.AdamW(params)
+        optimizer.step()  # makes the moments
+        before = torch.cuda.memory_allocated(0)
+        torch.cuda.reset_peak_memory_stats(0)
+        optimizer.step()
+        # foreach's temporary: sqrt of every second moment at once (the per-tensor loop peaks at 2 of 3)
+        assert torch.cuda.max_memory_allocated(0) - before == 3 * 4096
+        assert torch.cuda.memory_allocated(0) == before
+        assert all(p.device == torch.device("cuda:0") for p in params)
+        on_card = [p.detach().cpu() for p in params]
+    assert _default_to_fused_or_foreach(params, differentiable=False, use_fused=False) == (False, False)
+    reference = torch.optim.AdamW(host, foreach=True)
+    reference.step()
+    reference.step()
+    assert all(torch.equal(c, h.detach()) for c, h in zip(on_card, host))

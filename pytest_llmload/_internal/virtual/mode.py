@@ -105,7 +105,8 @@ class VirtualDeviceMode(TorchFunctionMode):
                             return out
                     # adopt(out, index), inline: a new tensor of a call on card tensors
                     out.__class__ = _CARD_CLASSES[index]
-                    if _tensor_module.active_fleet is not None and out._base is None:
+                    # (a view of a plain base: a storage made inside a composite op, charged unless it is)
+                    if _tensor_module.active_fleet is not None and (out._base is None or type(out._base) is _Tensor):
                         charge(out, index)
                 elif out is not None and type(out) not in _CARD_OF:
                     adopt_outputs(out, index, args)

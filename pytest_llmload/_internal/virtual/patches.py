@@ -309,6 +309,34 @@ def _checkpoint_metadata(original):
     return meta
 
 
+class _TypesWithCards(list):
+    """torch's list of the tensor types its foreach kernels take, with the fleet's card classes in it (a CUDA
+    tensor is a plain ``torch.Tensor``). What is appended while the fleet runs (DTensor's import adds itself)
+    goes to torch's own list too, so it is still there when the fleet stops and the list is put back."""
+
+    def __init__(self, original: list, cards: list) -> None:
+        super().__init__([*original, *cards])
+        self.original = original
+
+    def append(self, item) -> None:
+        self.original.append(item)
+        super().append(item)
+
+
+def _foreach_targets(fleet: Fleet) -> list[tuple[Any, str, Any]]:
+    """Optimizers (``_default_to_fused_or_foreach``) and ``clip_grad_norm_`` take their foreach kernels by
+    default for CUDA tensors only where ``type(t) in _foreach_supported_types``: card tensors count, so they
+    take the path (and its moment-sized temporaries) CUDA's take, not the per-tensor loop."""
+    import torch.optim.optimizer as optimizer
+    import torch.utils._foreach_utils as foreach_utils
+
+    from pytest_llmload._internal.virtual.tensor import card_class
+
+    cards = [card_class(i) for i in range(len(fleet.cards))]
+    return [(module, "_foreach_supported_types", _TypesWithCards(module._foreach_supported_types, cards))
+            for module in (optimizer, foreach_utils)]
+
+
 def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
     """``(object, attribute, replacement)`` for everything the fleet patches."""
 
@@ -335,6 +363,7 @@ def patch_targets(fleet: Fleet, mode_factory) -> list[tuple[Any, str, Any]]:
     targets.append((torch, "set_default_device", _default_device_setter(fleet, torch.set_default_device)))
     targets += _data_parallel_targets(fleet)
     targets += _flex_attention_targets(fleet)
+    targets += _foreach_targets(fleet)
     from pytest_llmload._internal.virtual.autocast import autocast_targets
 
     targets += autocast_targets(lambda: fleet.thread_state)

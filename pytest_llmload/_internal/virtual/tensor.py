@@ -234,8 +234,12 @@ def to_plain(tensor: torch.Tensor) -> torch.Tensor:
 def charge(tensor: torch.Tensor, index: int, fresh: bool = False) -> None:
     """Charge ``tensor``'s storage to card ``index`` unless it is charged already; its death gives the bytes
     back (a weak reference with a callback: the storage's Python object lives as long as the storage)."""
-    if tensor._base is not None and not fresh:
-        return  # a view: its storage is its base's, charged when the base was put on a card
+    if not fresh:
+        base = tensor._base
+        if base is not None and type(base) is not _Tensor:
+            return  # a view of a card tensor: its storage is its base's, charged when the base was put on a card
+        # (a view of a plain base: a storage a composite op made and returned only as a view, F.linear's
+        # addmm under a reshape; charged below unless it is charged already)
     fleet = active_fleet
     try:
         storage = tensor.untyped_storage()
