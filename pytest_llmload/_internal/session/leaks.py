@@ -362,6 +362,7 @@ class LeakCheck:
         elif self.found and self.strict:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
+    @pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under -p no:xdist
     def pytest_testnodedown(self, node, error) -> None:
         output = getattr(node, "workeroutput", None) or {}
         self.found.extend(m for m in output.get(_WORKER_KEY, []) if m not in self.found)
