@@ -160,8 +160,6 @@ def read_virtual_gpus(config: pytest.Config, *, early: bool = False) -> VirtualG
     An empty or repeated value is one usage error, as for every option."""
     if not early and _FLEET_KEY in config.stash:
         return config.stash[_FLEET_KEY]
-    from pytest_llmload._internal.virtual.fleet import parse_virtual_spec
-
     cli = (config.known_args_namespace.llm_virtual_gpus if early
            else config.getoption("llm_virtual_gpus", None))
     if cli:
@@ -181,6 +179,8 @@ def read_virtual_gpus(config: pytest.Config, *, early: bool = False) -> VirtualG
     if text is not None and not str(text).strip():
         raise LLMLoadUsageError(f"{source} was given an empty value {text!r}: give a value or leave the option out "
                                 "(an unset shell variable?)")
+    if text is not None:  # the fleet's code is imported only where a fleet is asked for
+        from pytest_llmload._internal.virtual.fleet import parse_virtual_spec
     setting = None if text is None else VirtualGpus(
         str(text).strip(), source, tuple(parse_virtual_spec(str(text), what=f"{source} value")))
     if not early:

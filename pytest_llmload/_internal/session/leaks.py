@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
-from pytest_llmload._internal.checks.leaks import LoadWatch, storage_holders, watched_tensors
 from pytest_llmload.errors import LLMLoadLeakWarning
+
+if TYPE_CHECKING:  # imported where a load is watched: a run that loads nothing pays nothing for it
+    from pytest_llmload._internal.checks.leaks import LoadWatch
 
 _WORKER_KEY = "llmload_leaks"
 
@@ -73,6 +75,8 @@ class LeakCheck:
             ref = weakref.ref(model)
         except TypeError:
             return None
+        from pytest_llmload._internal.checks.leaks import LoadWatch, watched_tensors
+
         watch = LoadWatch(self.cell_id(spec), ref, watched_tensors(model), domain, took)
         if cached:
             self.held[id(watch)] = watch
@@ -140,6 +144,8 @@ class LeakCheck:
             self._measure(watch)
         model = watch.model()
         alive = [watched for watched in watch.tensors if watched.alive()]
+        from pytest_llmload._internal.checks.leaks import storage_holders
+
         survivors = storage_holders(alive) if alive else []  # (name, tensor) for each storage still allocated
         if watch.deferred and model is None and not alive:
             return None  # the running test held it; its memory went with the test's references

@@ -13,15 +13,31 @@ import importlib
 import importlib.util
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_llmload.errors import LLMLoadUsageError
-from pytest_llmload._internal.virtual.fleet import CardSpec, Fleet, describe_fleet, parse_virtual_spec
+
+if TYPE_CHECKING:
+    from pytest_llmload._internal.virtual.fleet import CardSpec, Fleet
+
+# fleet.py (and the hardware probes it reads) loads on first use: every pytest run imports this package for
+# the marker's hooks (virtual/marker.py), and most never start a fleet.
+_FROM_FLEET = ("CardSpec", "Fleet", "describe_fleet", "parse_virtual_spec")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_FLEET:
+        return getattr(_fleet(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["virtual_gpus", "active_fleet", "parse_virtual_spec", "describe_fleet", "CardSpec", "Fleet"]
 
 _lock = threading.Lock()
 _TENSOR = f"{__name__}.tensor"
+
+
+def _fleet():
+    return importlib.import_module(f"{__name__}.fleet")  # sys.modules' copy, also after a pytester restore
 
 
 def active_fleet() -> Fleet | None:
@@ -53,6 +69,8 @@ class _Runtime:
         patches = importlib.import_module(f"{__name__}.patches")
         tensor = importlib.import_module(f"{__name__}.tensor")
         VirtualDeviceMode = importlib.import_module(f"{__name__}.mode").VirtualDeviceMode
+
+        from pytest_llmload._internal.virtual.fleet import Fleet
 
         self.fleet = Fleet(cards)
         self.fleet.mode_class = VirtualDeviceMode  # what a backward pushes again (virtual/ops.py)
@@ -114,6 +132,8 @@ class virtual_gpus(contextlib.ContextDecorator):
     """
 
     def __init__(self, spec: str, *, name: str | None = None) -> None:
+        from pytest_llmload._internal.virtual.fleet import parse_virtual_spec
+
         self.cards = parse_virtual_spec(spec, name)
         self.spec = spec
         self._runtime: _Runtime | None = None
@@ -131,7 +151,7 @@ class virtual_gpus(contextlib.ContextDecorator):
             if running is not None:
                 raise LLMLoadUsageError(
                     f"virtual GPU fleet {self.spec!r} cannot start: a fleet "
-                    f"({describe_fleet(running.specs)}) is already active; fleets do not nest"
+                    f"({_fleet().describe_fleet(running.specs)}) is already active; fleets do not nest"
                 )
             self._runtime = _Runtime(self.cards)
         return self._runtime.fleet
