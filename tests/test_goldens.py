@@ -459,3 +459,22 @@ def test_numpy_scalars_are_numbers():
     for bad in ({"atol": True}, {"topk": np.float64(3.0)}, {"topk": np.bool_(True)}, {"rtol": np.float64("nan")}):
         with pytest.raises(LLMLoadUsageError):
             check_arguments("w", "x", bad.get("atol"), bad.get("rtol"), bad.get("topk"))
+
+
+def test_under_torchrun_only_rank_0_records(request, monkeypatch):
+    """Every rank computes the same goldens; only rank 0 keeps them to write (RANK as torchrun sets it)."""
+    from types import SimpleNamespace
+
+    from pytest_llmload._internal.checks.golden import observe
+    from pytest_llmload._internal.session.goldens import Goldens
+
+    observed = observe("assert_matches_golden('text', ...)", "hello", None)
+    recorded = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        goldens = Goldens(request.config, SimpleNamespace(update_goldens=True))
+        goldens._record("goldens/test_x.json", "test_x", "text", "cpu", observed)
+        recorded[rank] = goldens.recorded
+    assert recorded["1"] == {}
+    assert list(recorded["0"]["goldens/test_x.json"]) == [("test_x", "text", "cpu")]
