@@ -251,6 +251,17 @@ def test_xfail_holding_gpu_memory():
 
 def test_last_uses_the_session_fixture(session_tensor):
     pass
+
+@pytest.fixture(scope="module")
+def small_model(llm_load):  # evicts the bigger fp32 llama the cache holds: the cache's change, not the fixture's
+    return llm_load("builtin:tiny-llama", device_map="balanced", precision="fp16")  # 369 of 738 KiB
+
+@pytest.mark.llm(models="builtin:tiny-llama", device_maps="balanced", precisions="fp32")
+def test_loads_the_big_one(llm_model):
+    pass
+
+def test_a_module_fixture_evicts_it(small_model):
+    pass
 """
 
 
@@ -258,7 +269,30 @@ def test_no_false_alarm_for_what_pytest_or_wider_fixtures_hold(pytester):
     pytester.makepyfile(test_quiet=NO_FALSE_ALARMS)
     result = pytester.runpytest("--llm-virtual-gpus=2x64MiB", "--llm-leak-check=tests", "--llm-cache-size=1",
                                 "-W", "error::pytest_llmload.errors.LLMLoadLeakWarning", "-p", "no:randomly")
-    result.assert_outcomes(passed=5, xfailed=1)
+    result.assert_outcomes(passed=7, xfailed=1)
+    assert "leak check" not in result.stdout.str()
+
+
+def test_a_model_loaded_in_another_test_s_fleet_is_not_this_test_s(pytester):
+    """Each virtual_gpus test runs on its own fleet; a model cached from the first is evicted in the second,
+    whose counters never held it."""
+    pytester.makepyfile(test_fleets="""
+import pytest
+
+@pytest.mark.virtual_gpus("2x64MiB")
+@pytest.mark.llm(models="builtin:tiny-llama", device_maps="balanced", precisions="fp32")
+def test_one(llm_model):
+    pass
+
+@pytest.mark.virtual_gpus("2x64MiB")
+@pytest.mark.no_gpu_leak
+@pytest.mark.llm(models="builtin:tiny-gpt2", device_maps="balanced", precisions="fp32")
+def test_two(llm_model):
+    pass
+""")
+    result = pytester.runpytest("--llm-cache-size=1", "-W", "error::pytest_llmload.errors.LLMLoadLeakWarning",
+                                "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
     assert "leak check" not in result.stdout.str()
 
 

@@ -36,7 +36,13 @@ def memory_domain() -> object | None:
     fleet = virtual.active_fleet if virtual is not None else None
     if fleet is not None:
         return fleet
-    return "cuda" if gpu_allocated() else None
+    torch = sys.modules.get("torch")
+    if torch is None:  # nothing can be on a card yet; if CUDA is there, a later reading is comparable
+        return "cuda"
+    try:
+        return "cuda" if torch.cuda.is_available() else None  # CUDA not started yet reads 0 allocated
+    except Exception:
+        return None
 
 
 def clear_gpu_workspaces() -> None:
@@ -86,6 +92,8 @@ def gpu_tensors(exclude: Iterable[int] = ()) -> list[tuple[Any, TensorInfo]]:
     skip = set(exclude)
     seen: set[tuple[str, int]] = set()
     found = []
+    virtual = sys.modules.get("pytest_llmload._internal.virtual.tensor")
+    fleet = virtual.active_fleet if virtual is not None else None
     for obj in gc.get_objects():
         if not issubclass(type(obj), torch.Tensor) or id(obj) in skip:
             continue
@@ -97,6 +105,10 @@ def gpu_tensors(exclude: Iterable[int] = ()) -> list[tuple[Any, TensorInfo]]:
             continue
         if storage in seen:
             continue
+        if fleet is not None:  # only what the running fleet's counters hold (not a card tensor of an older fleet)
+            charge = virtual._charged.get(storage[1])
+            if charge is None or getattr(charge, "fleet", None) is not fleet or not getattr(charge, "live", False):
+                continue
         seen.add(storage)
         found.append((obj, tensor_info(obj)))
     found.sort(key=lambda pair: -pair[1].nbytes)
@@ -152,7 +164,7 @@ def watched_tensors(model: Any) -> list[WatchedTensor]:
                 continue
             seen.add(key)
             watched.append(WatchedTensor(name, weakref.ref(tensor), StorageWeakRef(storage), key[1], key[0]))
-        except (TypeError, RuntimeError):
+        except Exception:  # a tensor subclass that cannot say: not watched, never a failed load
             pass
     return watched
 
@@ -176,3 +188,24 @@ def storage_holders(alive: list[WatchedTensor]) -> list[tuple[str, Any]]:
                 if key in lost:
                     found.append((lost.pop(key), obj))
     return found
+
+
+def reported_before(tensor: Any, reported: dict) -> bool:
+    ref = reported.get(id(tensor))
+    return ref is not None and ref() is tensor
+
+
+def drop_test_references(item: Any) -> None:
+    """Every fixture of ``item`` is finalized; pytest drops its values and captured log records right after
+    the teardown hooks (runtestprotocol, the logging plugin). Dropped now, they are not taken for a leak."""
+    funcargs = getattr(item, "funcargs", None)
+    if isinstance(funcargs, dict):
+        funcargs.clear()
+    try:
+        from _pytest.logging import caplog_records_key
+    except ImportError:  # pragma: no cover - pytest moved it
+        return
+    records = item.stash.get(caplog_records_key, {})
+    for when in ("setup", "call"):  # their text is in the reports already
+        if isinstance(records.get(when), list):
+            records[when].clear()

@@ -28,11 +28,7 @@ if TYPE_CHECKING:  # imported where a load is watched: a run that loads nothing 
     from pytest_llmload._internal.checks.leaks import LoadWatch
 
 _WORKER_KEY = "llmload_leaks"
-
-
-def _in(tensor: Any, reported: dict) -> bool:
-    ref = reported.get(id(tensor))
-    return ref is not None and ref() is tensor
+_SLACK = 64 * 1024  # bytes of a released load's memory not reported when the model and its weights are gone
 
 
 class LeakCheck:
@@ -42,8 +38,10 @@ class LeakCheck:
         self.mode = options.leak_check
         self.strict = bool(options.require_gpus)
         self.cell_id = cell_id
-        self.cache_held: dict[str, int] = {}  # device -> bytes the cached models' loads took
-        self.fixture_held: dict[int, dict[str, int]] = {}  # id(wider-scoped FixtureDef) -> what its setup took
+        # (domain, device) -> bytes the cached models' loads took; a domain is a fleet or the machine's CUDA
+        # (a test's fleet ends with it while the models it loaded stay cached: counters of one domain only)
+        self.cache_held: dict[tuple, int] = {}
+        self.fixture_held: dict[int, tuple] = {}  # id(wider-scoped FixtureDef) -> (domain, what its setup took)
         self.pending: list[LoadWatch] = []  # private copies released; checked after their test's teardown
         self.private: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # private model -> LoadWatch
         self.held: dict[int, LoadWatch] = {}  # the cached models' watches, by id
@@ -69,7 +67,7 @@ class LeakCheck:
         from pytest_llmload._internal.checks.leaks import gpu_allocated, memory_domain
 
         domain, before = token
-        now = gpu_allocated() if memory_domain() is domain else {}
+        now = gpu_allocated() if memory_domain() == domain else {}
         took = {device: now[device] - before.get(device, 0) for device in now}
         try:
             ref = weakref.ref(model)
@@ -81,7 +79,8 @@ class LeakCheck:
         if cached:
             self.held[id(watch)] = watch
             for device, size in took.items():
-                self.cache_held[device] = self.cache_held.get(device, 0) + size
+                key = (domain, device)
+                self.cache_held[key] = self.cache_held.get(key, 0) + size
         else:
             self.private[model] = watch
         return watch
@@ -101,14 +100,17 @@ class LeakCheck:
             return
         self.held.pop(id(watch), None)
         for device, size in watch.took.items():
-            self.cache_held[device] = self.cache_held.get(device, 0) - size
+            key = (watch.domain, device)
+            self.cache_held[key] = self.cache_held.get(key, 0) - size
+            if not self.cache_held[key]:
+                del self.cache_held[key]
         if not self.on or self._measure(watch):
             return
         if self._item is not None and not self._at_end:
             watch.deferred = True
             self.pending.append(watch)
         else:
-            self._report(self.verify(watch), at_end=self._at_end)
+            self._report(self._verify_safely(watch), at_end=self._at_end)
 
     def release_private(self, model: Any, nodeid: str) -> None:
         """``llm_private_model``'s teardown let go of its copy; pytest still holds it until the teardown ends."""
@@ -124,15 +126,26 @@ class LeakCheck:
         from pytest_llmload._internal.checks.leaks import clear_gpu_workspaces, gpu_allocated, memory_domain
 
         missing: dict[str, int] = {}
-        if watch.took and watch.before_release and memory_domain() is watch.domain:
+        if watch.took and watch.before_release and memory_domain() == watch.domain:
             now = gpu_allocated()
             missing = {d: watch.took[d] - (watch.before_release.get(d, 0) - now.get(d, 0)) for d in watch.took}
             if any(size > 0 for size in missing.values()):
                 clear_gpu_workspaces()  # a first matmul's cuBLAS workspace is CUDA's, not the model's
                 now = gpu_allocated()
                 missing = {d: watch.took[d] - (watch.before_release.get(d, 0) - now.get(d, 0)) for d in watch.took}
-        watch.missing = {d: size for d, size in missing.items() if size > 0}
-        return watch.model() is None and not watch.missing and not any(w.alive() for w in watch.tensors)
+        gone = watch.model() is None and not any(w.alive() for w in watch.tensors)
+        # With the model and every weight gone, what is short is what the load left elsewhere (bitsandbytes
+        # keeps its quantization maps on the card, ~1 KiB): reported above 64 KiB or 1% of the load only.
+        floor = (lambda d: max(_SLACK, watch.took[d] // 100)) if gone else (lambda d: 0)
+        watch.missing = {d: size for d, size in missing.items() if size > floor(d)}
+        return gone and not watch.missing
+
+    def _verify_safely(self, watch: LoadWatch) -> str | None:
+        try:
+            return self.verify(watch)
+        except Exception as exc:  # the walk met something it cannot read: still say what leaked
+            return (f"llm leak check: cell {watch.cell} was released ({watch.why}) but is still alive "
+                    f"(what holds it could not be worked out: {type(exc).__name__}: {exc})")
 
     def verify(self, watch: LoadWatch) -> str | None:
         """None when the model, its tensors and its GPU memory are gone; else the message."""
@@ -186,16 +199,16 @@ class LeakCheck:
     def _tensor_holders(self) -> list[str]:
         """The GPU tensors Python holds that no cached model owns and no earlier report named, and who holds
         the largest (a gradient left on a cached model's weight is named as such: C++ holds it)."""
-        from pytest_llmload._internal.checks.leaks import gpu_tensors
+        from pytest_llmload._internal.checks.leaks import gpu_tensors, reported_before
         from pytest_llmload._internal.checks.referrers import referrer_chain
 
         from pytest_llmload._internal.checks.leaks import tensor_info
 
         grads = self._gradients()  # C++ holds them: no Python object until asked for, so not in gpu_tensors
-        alive = [(t, info) for t, info in gpu_tensors(self._accounted()) if not _in(t, self._reported)]
+        alive = [(t, info) for t, info in gpu_tensors(self._accounted()) if not reported_before(t, self._reported)]
         seen = {id(t) for t, _ in alive}
-        alive += [(g, tensor_info(g)) for g, _ in grads.values() if id(g) not in seen and not _in(g, self._reported)
-                  and g.device.type == "cuda"]
+        alive += [(g, tensor_info(g)) for g, _ in grads.values()
+                  if id(g) not in seen and not reported_before(g, self._reported) and g.device.type == "cuda"]
         alive.sort(key=lambda pair: -pair[1].nbytes)
         grads = {key: name for key, (_, name) in grads.items()}
         if not alive:
@@ -227,7 +240,7 @@ class LeakCheck:
     def _accounted(self) -> set[int]:
         """ids of the tensors of models the cache still holds (their memory is the cache's, not a leak)."""
         accounted = set()
-        for watch in [*self.held.values(), *self.private.values()]:
+        for watch in self.held.values():
             for watched in watch.tensors:
                 tensor = watched.tensor()
                 if tensor is not None:
@@ -255,12 +268,13 @@ class LeakCheck:
         if self._checks(item):
             from pytest_llmload._internal.checks.leaks import gpu_allocated, memory_domain
 
-            self._before = (memory_domain(), gpu_allocated(), dict(self.cache_held), self._fixtures_total())
+            domain = memory_domain()
+            self._before = (domain, gpu_allocated(), self._held(domain), self._fixtures_total(domain))
         return (yield)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
-        self._item = item
+        self._item, self._before = item, None
         try:
             return (yield)
         finally:
@@ -275,19 +289,27 @@ class LeakCheck:
 
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem):
-        result = yield
+        try:
+            result = yield
+        except BaseException:  # a finalizer failed: that is the news; others' deferred releases wait
+            self.pending = [w for w in self.pending if w.deferred]
+            self._before = None
+            raise
         pending, self.pending = self.pending, []
         if pending or self._before is not None:
-            funcargs = getattr(item, "funcargs", None)
-            if isinstance(funcargs, dict):  # every fixture is finalized; pytest drops these right after this
-                funcargs.clear()  # hook (runtestprotocol): dropped now, they are not mistaken for a leak
+            from pytest_llmload._internal.checks.leaks import drop_test_references
+
+            drop_test_references(item)
         if pending:
             from pytest_llmload._internal.loading.call import release_memory
 
             release_memory()
         failed = item.nodeid in self._failed  # its traceback keeps its frames alive: the failure is the news
         self._failed.discard(item.nodeid)
-        messages = [] if failed else [m for m in (self.verify(w) for w in pending) if m]
+        if failed:  # its own private copy is not judged; models evicted while it ran wait for the next teardown
+            self.pending = [w for w in pending if w.deferred]
+            pending = []
+        messages = [m for m in (self._verify_safely(w) for w in pending) if m]
         del pending
         before, self._before = self._before, None
         if before is not None and not messages and not failed:
@@ -298,11 +320,15 @@ class LeakCheck:
             self._report(message)
         return result
 
-    def _fixtures_total(self) -> dict[str, int]:
+    def _held(self, domain) -> dict[str, int]:
+        return {device: size for (where, device), size in self.cache_held.items() if where == domain}
+
+    def _fixtures_total(self, domain) -> dict[str, int]:
         total: dict[str, int] = {}
-        for took in self.fixture_held.values():
-            for device, size in took.items():
-                total[device] = total.get(device, 0) + size
+        for where, took in self.fixture_held.values():
+            if where == domain:
+                for device, size in took.items():
+                    total[device] = total.get(device, 0) + size
         return total
 
     def _test_leak(self, item: pytest.Item, before: tuple) -> str | None:
@@ -310,13 +336,13 @@ class LeakCheck:
         from pytest_llmload._internal.config.numbers import format_size
 
         domain, at_setup, cache_before, fixtures_before = before
-        if domain is None or memory_domain() is not domain:
+        if domain is None or memory_domain() != domain:
             return None
 
         def left() -> dict[str, int]:
-            now, fixtures = gpu_allocated(), self._fixtures_total()
+            now, held, fixtures = gpu_allocated(), self._held(domain), self._fixtures_total(domain)
             return {d: size for d in now if (size := now[d] - at_setup.get(d, 0)
-                                              - (self.cache_held.get(d, 0) - cache_before.get(d, 0))
+                                              - (held.get(d, 0) - cache_before.get(d, 0))
                                               - (fixtures.get(d, 0) - fixtures_before.get(d, 0))) > 0}
 
         if not left():
@@ -338,16 +364,18 @@ class LeakCheck:
         """What a fixture of a wider scope than the test allocates stays with it, not with the test."""
         if fixturedef.scope == "function" or self._before is None:
             return (yield)
-        from pytest_llmload._internal.checks.leaks import gpu_allocated
+        from pytest_llmload._internal.checks.leaks import gpu_allocated, memory_domain
 
-        start = gpu_allocated()
+        domain = memory_domain()
+        start, held = gpu_allocated(), self._held(domain)
         try:
             return (yield)
         finally:
-            now = gpu_allocated()
-            took = {d: now[d] - start.get(d, 0) for d in now if now[d] != start.get(d, 0)}
-            if took:
-                self.fixture_held[id(fixturedef)] = took
+            now, cached = gpu_allocated(), self._held(domain)  # what the cache took or gave back in it is the cache's
+            took = {d: size for d in now
+                    if (size := now[d] - start.get(d, 0) - (cached.get(d, 0) - held.get(d, 0)))}
+            if took and memory_domain() == domain:
+                self.fixture_held[id(fixturedef)] = (domain, took)
 
     def pytest_fixture_post_finalizer(self, fixturedef, request) -> None:
         self.fixture_held.pop(id(fixturedef), None)
@@ -365,7 +393,7 @@ class LeakCheck:
         config = session.config
         if hasattr(config, "workeroutput"):
             config.workeroutput[_WORKER_KEY] = list(self.found)
-        elif self.found and self.strict:
+        elif self.found and self.strict and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     @pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under -p no:xdist
