@@ -194,8 +194,9 @@ def device_class(device: Any) -> str:
     kind = getattr(device, "type", str(device).split(":")[0])
     if kind != "cuda":
         return kind
-    virtual = sys.modules.get("pytest_llmload._internal.virtual.tensor")
-    if virtual is not None and virtual.active_fleet is not None:
+    from pytest_llmload._internal.virtual import active_fleet
+
+    if active_fleet() is not None:
         return "virtual"
     import torch
 

@@ -18,22 +18,20 @@ from typing import Any, Iterable
 def gpu_allocated() -> dict[str, int]:
     """``memory_allocated`` of each GPU this process has initialised (a virtual fleet's cards included),
     by device name; empty where torch is not imported or CUDA never started (nothing can be on a card)."""
-    torch = sys.modules.get("torch")
+    from pytest_llmload._internal.planning.measure import cuda_in_use
+
+    torch = cuda_in_use()
     if torch is None:
         return {}
-    try:
-        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-            return {}
-        return {f"cuda:{index}": torch.cuda.memory_allocated(index) for index in range(torch.cuda.device_count())}
-    except Exception:  # a broken driver is the gate's business, not the leak check's
-        return {}
+    return {f"cuda:{index}": torch.cuda.memory_allocated(index) for index in range(torch.cuda.device_count())}
 
 
 def memory_domain() -> object | None:
     """What the GPU counters belong to now: the running virtual fleet, the machine's CUDA, or None.
     Two readings are comparable only within one domain (a test's fleet ends with the test)."""
-    virtual = sys.modules.get("pytest_llmload._internal.virtual.tensor")
-    fleet = virtual.active_fleet if virtual is not None else None
+    from pytest_llmload._internal.virtual import active_fleet
+
+    fleet = active_fleet()
     if fleet is not None:
         return fleet
     torch = sys.modules.get("torch")
@@ -47,11 +45,11 @@ def memory_domain() -> object | None:
 
 def clear_gpu_workspaces() -> None:
     """Give back what CUDA keeps on its own after a first use (cuBLAS workspaces), so a reading counts tensors."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+    from pytest_llmload._internal.planning.measure import cuda_in_use
+
+    torch = cuda_in_use()
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None) if torch is not None else None
+    if clear is not None:
         try:
             clear()
         except Exception:
@@ -92,8 +90,10 @@ def gpu_tensors(exclude: Iterable[int] = ()) -> list[tuple[Any, TensorInfo]]:
     skip = set(exclude)
     seen: set[tuple[str, int]] = set()
     found = []
-    virtual = sys.modules.get("pytest_llmload._internal.virtual.tensor")
-    fleet = virtual.active_fleet if virtual is not None else None
+    from pytest_llmload._internal.virtual import active_fleet
+
+    fleet = active_fleet()
+    virtual = sys.modules.get("pytest_llmload._internal.virtual.tensor")  # its charges, where a fleet runs
     for obj in gc.get_objects():
         if not issubclass(type(obj), torch.Tensor) or id(obj) in skip:
             continue

@@ -92,15 +92,9 @@ class MemoryTracker:
         self._start_rss = 0
         self._start = 0.0
 
-    @staticmethod
-    def _cuda():
-        import sys
-
-        torch = sys.modules.get("torch")
-        return torch if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
     def start(self) -> "MemoryTracker":
-        torch = self._cuda()
+        torch = cuda_in_use()
         if torch is not None:
             for index in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(index)
@@ -131,13 +125,25 @@ class MemoryTracker:
         usage = self.usage
         usage.seconds = time.perf_counter() - self._start
         usage.cpu_peak_delta = max(peak_rss - self._start_rss, 0)
-        torch = self._cuda()
+        torch = cuda_in_use()
         if torch is not None:
             for index in range(torch.cuda.device_count()):
                 usage.gpu_allocated_peak[index] = int(torch.cuda.max_memory_allocated(index))
                 usage.gpu_reserved_peak[index] = int(torch.cuda.max_memory_reserved(index))
                 free, total = torch.cuda.mem_get_info(index)
                 usage.gpu_used[index] = int(total - free)
+
+
+def cuda_in_use():
+    """torch, where this process has started CUDA (a virtual fleet's included); None where it has not, or
+    torch is not imported: then nothing can be on a card and no counter needs reading."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        return torch if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    except Exception:  # a broken driver is the gate's business, not the counters'
+        return None
 
 
 @contextmanager

@@ -136,8 +136,9 @@ class Goldens:
         spec = funcargs.get("llm_spec")
         if spec is not None and spec.device_map == "cpu":
             return "cpu"
-        virtual = sys.modules.get("pytest_llmload._internal.virtual.tensor")
-        if virtual is not None and virtual.active_fleet is not None:
+        from pytest_llmload._internal.virtual import active_fleet
+
+        if active_fleet() is not None:
             return "virtual"
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():

@@ -125,14 +125,16 @@ class LeakCheck:
         its load took are gone (the common case: nothing more to do)."""
         from pytest_llmload._internal.checks.leaks import clear_gpu_workspaces, gpu_allocated, memory_domain
 
+        def short() -> dict[str, int]:  # per card: what the load took less what the release gave back
+            now = gpu_allocated()
+            return {d: watch.took[d] - (watch.before_release.get(d, 0) - now.get(d, 0)) for d in watch.took}
+
         missing: dict[str, int] = {}
         if watch.took and watch.before_release and memory_domain() == watch.domain:
-            now = gpu_allocated()
-            missing = {d: watch.took[d] - (watch.before_release.get(d, 0) - now.get(d, 0)) for d in watch.took}
+            missing = short()
             if any(size > 0 for size in missing.values()):
                 clear_gpu_workspaces()  # a first matmul's cuBLAS workspace is CUDA's, not the model's
-                now = gpu_allocated()
-                missing = {d: watch.took[d] - (watch.before_release.get(d, 0) - now.get(d, 0)) for d in watch.took}
+                missing = short()
         gone = watch.model() is None and not any(w.alive() for w in watch.tensors)
         # With the model and every weight gone, what is short is what the load left elsewhere (bitsandbytes
         # keeps its quantization maps on the card, ~1 KiB): reported above 64 KiB or 1% of the load only.
