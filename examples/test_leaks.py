@@ -8,7 +8,7 @@ per-card counters the check reads as it reads a real card's ``memory_allocated``
     allocated after its teardown that was not before its setup: 512 B on cuda:0
     GPU tensors still alive: tensor[1, 64] float32 on cuda:0, 256 B
     the largest (tensor[1, 64] float32 on cuda:0, 256 B) is kept alive by:
-      global embed of module test_leaks (.../examples/test_leaks.py)
+      global embed of module test_leaks (.../examples/test_leaks.py) (_lru_cache_wrapper)
       -> (cached by lru_cache function embed) (Tensor)
 
 (512 B: the allocator's rounding of the 256-byte tensor, as a real card's ``memory_allocated`` shows it.)

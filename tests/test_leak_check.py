@@ -17,20 +17,22 @@ LEAKS = {
     "global": (
         "_KEEP = []\n",
         "_KEEP.append(llm_model)",
-        ["global _KEEP of module test_planted", "-> [0] (LlamaForCausalLM)"],
+        ["global _KEEP of module test_planted", "test_planted.py) (list)", "-> [0] (LlamaForCausalLM)"],
     ),
     "lru_cache": (
         "import functools\n@functools.lru_cache(maxsize=4)\ndef cached(model_id):\n    return _CURRENT[0]\n"
         "_CURRENT = []\n",
         "_CURRENT.append(llm_model); cached(1); _CURRENT.clear()",
-        ["global cached of module test_planted", "(cached by lru_cache function cached)"],
+        ["global cached of module test_planted", "test_planted.py) (_lru_cache_wrapper)",
+         "-> (cached by lru_cache function cached) (LlamaForCausalLM)"],
     ),
     "accelerate_hook": (
         "import torch\nfrom accelerate.hooks import ModelHook, add_hook_to_module\n"
         "class Keep(ModelHook):\n    def __init__(self, model):\n        self.model = model\n"
         "_PROBE = torch.nn.Linear(1, 1)\n",
         "add_hook_to_module(_PROBE, Keep(llm_model))",
-        ["global _PROBE of module test_planted", "-> ._hf_hook (Keep (an accelerate hook))", "-> .model"],
+        ["global _PROBE of module test_planted", "test_planted.py) (Linear)", "-> ._hf_hook (Keep (an accelerate hook))",
+         "-> .model"],
     ),
     "cycle_with_del": (
         "_GRAVE = []\nclass Holder:\n    def __init__(self, model):\n        self.model, self.me = model, self\n"
@@ -53,7 +55,7 @@ LEAKS = {
     "fixture": (
         "import pytest\n@pytest.fixture(scope='module')\ndef kept():\n    return []\n",
         "kept.append(llm_model)",
-        ["fixture 'kept' (scope module"],
+        ["fixture 'kept' (scope module", "its cached value (list)", "-> [0] (LlamaForCausalLM)"],
     ),
 }
 
@@ -195,6 +197,39 @@ def test_the_chain_walk_names_a_running_function_local_and_skips_its_own_frames(
     thing = Thing()
     chain = referrer_chain(thing)
     assert chain[0].startswith("local thing of running function test_the_chain_walk"), chain
+
+
+class _Holder:
+    def __init__(self, model):
+        self.model = model
+
+
+class _Keeper:
+    kept = None
+
+
+def test_the_chain_names_the_class_of_an_instance_or_class_a_global_holds():
+    """A global bound to an instance: the hop through its ``__dict__`` is folded, so the root line names its class
+    (the reader would otherwise see only ``.model``); a class attribute reads as ``.kept`` of that class."""
+    import sys
+    import weakref
+
+    module = sys.modules[__name__]
+    module._HOLDER = _Holder(type("TinyModel", (), {})())
+    ref = weakref.ref(module._HOLDER.model)  # no local of this running function holds the model itself
+    try:
+        chain = referrer_chain(ref(), ignore=[sys._getframe()])
+        _Keeper.kept = ref()
+        del module._HOLDER
+        class_chain = referrer_chain(ref(), ignore=[sys._getframe()])
+    finally:
+        _Keeper.kept = None
+        module.__dict__.pop("_HOLDER", None)
+    assert chain[0].startswith(f"global _HOLDER of module {__name__}") and chain[0].endswith("(_Holder)"), chain
+    assert chain[1:] == ["-> .model (TinyModel)"], chain
+    assert class_chain[0].startswith(f"global _Keeper of module {__name__}"), class_chain
+    assert class_chain[0].endswith("(class _Keeper)"), class_chain
+    assert class_chain[1:] == ["-> .kept (TinyModel)"], class_chain
 
 
 def test_gpu_tensors_lists_one_entry_per_storage_largest_first():

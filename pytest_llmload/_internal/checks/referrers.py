@@ -3,7 +3,7 @@
 Found by walking ``gc.get_referrers`` breadth first until a *root*: a module global, a running function's
 local, a pytest fixture's cached value, ``gc.garbage`` or the last failure's traceback (closures,
 ``lru_cache`` wrappers and accelerate hooks are named on the way). Rendered root first, as a path a reader can
-follow: ``global _KEEP of module test_leaks -> [0] (LlamaForCausalLM)``. The walk is costly (each level
+follow: ``global _KEEP of module test_leaks (list) -> [0] (LlamaForCausalLM)``. The walk is costly (each level
 scans the heap) and runs only when something leaked.
 """
 
@@ -50,6 +50,10 @@ def _fixture_root(container: Any) -> str | None:
         where = getattr(container, "baseid", "") or "conftest"
         return f"fixture {container.argname!r} (scope {container.scope}, {where}): its cached value"
     return None
+
+
+def _cached_result(container: Any) -> Any:
+    return container.cached_result if _fixture_root(container) is not None else None
 
 
 def _root(container: Any, child: Any, running: Any = ()) -> str | None:
@@ -168,7 +172,10 @@ def referrer_chain(target: Any, *, ignore: Iterable[Any] = ()) -> list[str]:
                     nearer[key] = id(obj)
                     root = _safely(_root, container, obj, running, fallback=None)
                     if root is not None:
-                        return _render(root, _path(container, target, objects, nearer))
+                        path = _path(container, target, objects, nearer)
+                        if len(path) > 2 and path[1] is _safely(_cached_result, container, fallback=None):
+                            del path[1]  # pytest's (value, key, exception) tuple: "its cached value" is the value
+                        return _render(root, path)
                     following.append(container)
             for obj in level:  # a running function's local (its frame may not be an object yet): a root too,
                 if id(obj) in locals_of:  # named after the other roots at the same distance
@@ -215,18 +222,31 @@ def _running_locals() -> tuple[dict[int, tuple[types.FrameType, str]], set[int]]
     return found, running
 
 
+def _is_namespace(holder: Any, obj: Any) -> bool:
+    """Whether ``obj`` is ``holder``'s own attribute dict: an instance's ``__dict__`` or a class's namespace
+    (which ``cls.__dict__`` shows only through a mappingproxy)."""
+    if isinstance(holder, type):
+        return type(obj) is dict and any(r is obj for r in gc.get_referents(holder))
+    return object.__getattribute__(holder, "__dict__") is obj
+
+
+def _holder_name(holder: Any) -> str:
+    return f"class {holder.__qualname__}" if isinstance(holder, type) else _type_name(holder)
+
+
 def _render(root: str, path: list) -> list[str]:
     """Root first: ``root`` (which names the root's first hop), then each further hop down to the target as
-    ``-> accessor (type)``. The hop into an object's own ``__dict__`` and into a torch module's
-    ``_modules``/``_parameters``/``_buffers`` is folded into the next accessor."""
+    ``-> accessor (type)``. The hop into an object's own ``__dict__`` (or a class's namespace) and into a torch
+    module's ``_modules``/``_parameters``/``_buffers`` is folded into the next accessor. The root's line names
+    the type of the object the root holds (a ``_Holder``, ``class _Keeper``), as each hop's line does."""
     lines = [root]
     for holder, obj in zip(path[1:], path[2:]):
-        if _safely(lambda h: object.__getattribute__(h, "__dict__"), holder, fallback=None) is obj:
+        if _safely(_is_namespace, holder, obj, fallback=False):
             continue
         if type(obj) is dict and _safely(_step, holder, obj, fallback="") in ("._modules", "._parameters", "._buffers"):
             continue
         step = _safely(_step, holder, obj, fallback=" (held by an object whose attributes cannot be read)")
         lines.append(f"-> {step.strip()} ({_safely(_type_name, obj, fallback=type(obj).__name__)})")
-    if len(path) == 2:
-        lines[0] += f" ({_safely(_type_name, path[-1], fallback=type(path[-1]).__name__)})"
+    if len(path) >= 2:  # each line names the type of what it reaches: the root's line, its first hop's
+        lines[0] += f" ({_safely(_holder_name, path[1], fallback=type(path[1]).__name__)})"
     return lines
