@@ -154,6 +154,9 @@ def free_memory(inventory, *, current: bool = False) -> dict[int | str, int]:
 
     With ``current``, GPUs this process already uses are read again from the driver (earlier
     loads of the session occupy memory that the inventory, probed at start, still counted as free).
+    Blocks torch's caching allocator reserved but holds no tensor in (a freed model, an earlier test's
+    activations) count as free: the allocator reuses them, and gives them back to the driver before it
+    reports out of memory. The driver alone would call them used until someone empties the cache.
     """
     import psutil
 
@@ -163,7 +166,8 @@ def free_memory(inventory, *, current: bool = False) -> dict[int | str, int]:
 
         for index in used_gpus():
             if index in free:
-                free[index] = int(torch.cuda.mem_get_info(index)[0])
+                cached = int(torch.cuda.memory_reserved(index)) - int(torch.cuda.memory_allocated(index))
+                free[index] = int(torch.cuda.mem_get_info(index)[0]) + max(cached, 0)
     from pytest_llmload._internal.hardware import emulated_memory
 
     emulated = emulated_memory()
@@ -172,7 +176,7 @@ def free_memory(inventory, *, current: bool = False) -> dict[int | str, int]:
 
         for index in used_gpus():
             if index in free:
-                free[index] = max(min(free[index], emulated - int(torch.cuda.memory_reserved(index))), 0)
+                free[index] = max(min(free[index], emulated - int(torch.cuda.memory_allocated(index))), 0)
     free["cpu"] = int(psutil.virtual_memory().available)
     return free
 
