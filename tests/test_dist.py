@@ -449,3 +449,40 @@ def test_cli_refuses_tp_with_the_way_out(capsys, argv, message):
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert message in err and "internal error" not in err and len(err.strip().splitlines()) == 1
+
+
+GOLDENS = '''
+import pytest
+import torch
+
+from pytest_llmload import assert_matches_golden
+
+
+@pytest.mark.llm(models="builtin:tiny-llama", device_maps="process", precisions="fp32")
+def test_generation(llm_model):
+    ids = llm_model.generate(torch.tensor([[1, 5, 9, 17]]), max_new_tokens=4, do_sample=False)
+    assert_matches_golden("ids", ids)
+
+
+def test_who_records(llm_dist):
+    assert_matches_golden("who", f"rank {llm_dist.rank}")  # differs by rank: the file says which one wrote
+'''
+
+
+def test_goldens_under_torchrun_are_written_once_by_rank_0_and_checked_on_every_rank(pytester):
+    pytester.makepyfile(test_golden_dist=GOLDENS)
+    golden = pytester.path / "goldens" / "test_golden_dist.json"
+    [record] = _launch([_torchrun("--standalone", "--nproc-per-node", "2",
+                                  *_pytest("--llm-update-goldens", "test_golden_dist.py"))], pytester.path)
+    assert record.returncode == 0, record.stdout[-6000:]
+    goldens = json.loads(golden.read_text())["goldens"]
+    assert goldens["test_who_records"]["who"] == {"cpu": {"kind": "text", "text": "rank 0"}}, goldens
+    [cell] = [key for key in goldens if key.startswith("test_generation[")]
+    assert list(goldens[cell]["ids"]) == ["cpu"] and goldens[cell]["ids"]["cpu"]["kind"] == "ids"
+    assert sorted(p.name for p in golden.parent.iterdir()) == [golden.name]  # no rank's temporary file left
+    written = golden.read_bytes()
+    [check] = _launch([_torchrun("--standalone", "--nproc-per-node", "2",
+                                 *_pytest("-k", "generation", "test_golden_dist.py"))], pytester.path)
+    assert check.returncode == 0, check.stdout[-6000:]
+    assert "1 passed, 1 deselected" in check.stdout
+    assert golden.read_bytes() == written  # a check run writes nothing
