@@ -60,7 +60,7 @@ def llm_private_model(request: pytest.FixtureRequest, llm_spec) -> Iterator[Any]
     yield model
     # Its offload folder goes now, not at the end. The model itself goes when pytest drops this fixture's value,
     # after this teardown: collecting garbage here could not free it (the leak check, on by default, collects
-    # and empties the CUDA cache once pytest has let go; the fit check counts cached blocks as free anyway).
+    # and empties the CUDA cache once pytest has let go; the fit check does before it would skip a cell).
     session.cache.release_private(model, request.node.nodeid)
 
 

@@ -48,7 +48,7 @@ def _fixture_root(container: Any) -> str | None:
     """A pytest FixtureDef holding the object as its cached value."""
     if type(container).__name__ == "FixtureDef" and type(container).__module__.startswith("_pytest"):
         where = getattr(container, "baseid", "") or "conftest"
-        return f"fixture {container.argname!r} (scope {container.scope}, {where}): its cached value"
+        return f"fixture {container.argname!r} (scope {container.scope}, {where})"
     return None
 
 
@@ -174,7 +174,8 @@ def referrer_chain(target: Any, *, ignore: Iterable[Any] = ()) -> list[str]:
                     if root is not None:
                         path = _path(container, target, objects, nearer)
                         if len(path) > 2 and path[1] is _safely(_cached_result, container, fallback=None):
-                            del path[1]  # pytest's (value, key, exception) tuple: "its cached value" is the value
+                            root += ": its cached value"  # pytest's (value, key, exception) tuple: the value
+                            del path[1]
                         return _render(root, path)
                     following.append(container)
             for obj in level:  # a running function's local (its frame may not be an object yet): a root too,
@@ -225,13 +226,13 @@ def _running_locals() -> tuple[dict[int, tuple[types.FrameType, str]], set[int]]
 def _is_namespace(holder: Any, obj: Any) -> bool:
     """Whether ``obj`` is ``holder``'s own attribute dict: an instance's ``__dict__`` or a class's namespace
     (which ``cls.__dict__`` shows only through a mappingproxy)."""
-    if isinstance(holder, type):
+    if issubclass(type(holder), type):  # not isinstance: a proxy can fake __class__
         return type(obj) is dict and any(r is obj for r in gc.get_referents(holder))
     return object.__getattribute__(holder, "__dict__") is obj
 
 
 def _holder_name(holder: Any) -> str:
-    return f"class {holder.__qualname__}" if isinstance(holder, type) else _type_name(holder)
+    return f"class {holder.__qualname__}" if issubclass(type(holder), type) else _type_name(holder)
 
 
 def _render(root: str, path: list) -> list[str]:

@@ -153,10 +153,8 @@ def free_memory(inventory, *, current: bool = False) -> dict[int | str, int]:
     """Free bytes per device: each visible GPU, and the host's available RAM as ``cpu``.
 
     With ``current``, GPUs this process already uses are read again from the driver (earlier
-    loads of the session occupy memory that the inventory, probed at start, still counted as free).
-    Blocks torch's caching allocator reserved but holds no tensor in (a freed model, an earlier test's
-    activations) count as free: the allocator reuses them, and gives them back to the driver before it
-    reports out of memory. The driver alone would call them used until someone empties the cache.
+    loads of the session occupy memory that the inventory, probed at start, still counted as free), and
+    every card of a virtual fleet (its inventory is probed per test; reading a card starts no context).
     """
     import psutil
 
@@ -164,10 +162,9 @@ def free_memory(inventory, *, current: bool = False) -> dict[int | str, int]:
     if current:
         import torch
 
-        for index in used_gpus():
+        for index in [g.index for g in inventory.gpus] if inventory.source == "virtual" else used_gpus():
             if index in free:
-                cached = int(torch.cuda.memory_reserved(index)) - int(torch.cuda.memory_allocated(index))
-                free[index] = int(torch.cuda.mem_get_info(index)[0]) + max(cached, 0)
+                free[index] = int(torch.cuda.mem_get_info(index)[0])
     from pytest_llmload._internal.hardware import emulated_memory
 
     emulated = emulated_memory()
@@ -176,7 +173,7 @@ def free_memory(inventory, *, current: bool = False) -> dict[int | str, int]:
 
         for index in used_gpus():
             if index in free:
-                free[index] = max(min(free[index], emulated - int(torch.cuda.memory_allocated(index))), 0)
+                free[index] = max(min(free[index], emulated - int(torch.cuda.memory_reserved(index))), 0)
     free["cpu"] = int(psutil.virtual_memory().available)
     return free
 
@@ -230,9 +227,13 @@ class FitChecker:
                     return []
             problems = fit_problems(*self._need_and_free(spec, inventory), margin=self.margin,
                                     context_bytes=self.context_bytes(inventory))
-            if problems:
+            if problems:  # before a skip: what this process holds but no longer uses goes back first
                 if cache.cache_info().size:
-                    cache.clear()
+                    cache.clear()  # releases the cached models, then collects and empties the CUDA cache
+                else:  # a freed model in a reference cycle, an earlier test's cached blocks
+                    from pytest_llmload._internal.loading.call import release_memory
+
+                    release_memory()
                 problems = fit_problems(*self._need_and_free(spec, inventory, fresh=True), margin=self.margin,
                                         context_bytes=self.context_bytes(inventory))
         except LLMLoadError:
