@@ -419,7 +419,7 @@ def test_non_finite_values_are_written_as_standard_json_and_both_forms_read(tmp_
     import torch
 
     from pytest_llmload._internal.checks.golden import observe
-    from pytest_llmload._internal.session.golden_files import FORMAT, dumps, encode
+    from pytest_llmload._internal.session.golden_files import dumps, encode
 
     value = torch.tensor([1.5, float("nan"), float("inf"), float("-inf")])
     entry = encode(observe("w", value, None), ("t", "n", "cpu"))[0]

@@ -44,16 +44,20 @@ def _type_name(obj: Any) -> str:
     return cls.__name__
 
 
+def _is_fixture_def(container: Any) -> bool:
+    return type(container).__name__ == "FixtureDef" and type(container).__module__.startswith("_pytest")
+
+
 def _fixture_root(container: Any) -> str | None:
-    """A pytest FixtureDef holding the object as its cached value."""
-    if type(container).__name__ == "FixtureDef" and type(container).__module__.startswith("_pytest"):
+    """A pytest FixtureDef holding the object (as its cached value, or through its finalizers)."""
+    if _is_fixture_def(container):
         where = getattr(container, "baseid", "") or "conftest"
         return f"fixture {container.argname!r} (scope {container.scope}, {where})"
     return None
 
 
 def _cached_result(container: Any) -> Any:
-    return container.cached_result if _fixture_root(container) is not None else None
+    return container.cached_result if _is_fixture_def(container) else None
 
 
 def _root(container: Any, child: Any, running: Any = ()) -> str | None:
